@@ -1,0 +1,177 @@
+"""Separation constraints (Sep-U, Sep-P, Sep-UP) attached to any model through forward hooks."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .functional import AGGREGATIONS, CONV_REDUCTIONS, KINDS, stacked_separation_penalty
+
+__all__ = ["SeparationConstraint", "hidden_layers", "WEIGHTED_TYPES"]
+
+WEIGHTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def hidden_layers(model: nn.Module, include_output: bool = False) -> list[nn.Module]:
+    """Every ``Linear`` / ``Conv`` layer of ``model`` in registration order, without the last one
+    (the output layer) unless ``include_output``."""
+    layers = [m for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv layer to constrain")
+    return layers if include_output else layers[:-1]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_extremes(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.stack(all_gather(hi)).amax(0), torch.stack(all_gather(lo)).amin(0)
+
+
+def _global_points(s: Tensor) -> Tensor:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(s), dim=1)
+
+
+class SeparationConstraint:
+    r"""Hinge penalties that keep every unit and every point of a ReLU network alive.
+
+    For the pre-activations :math:`z_{ij}` of each constrained layer (point :math:`i` of the
+    batch, unit :math:`j`), with margin :math:`m` (1 in the paper):
+
+    .. math::
+        \text{Sep-U: } \xi^+_j = [m - \max_i z_{ij}]_+,\ \xi^-_j = [m + \min_i z_{ij}]_+ \qquad
+        \text{Sep-P: } \xi^+_i = [m - \max_j z_{ij}]_+,\ \xi^-_i = [m + \min_j z_{ij}]_+
+
+    and each slack pair enters as :math:`s = \rho\,\xi^+ + (1-\rho)\,\xi^-`. The penalty is
+    ``weight`` × the sum over layers of the aggregated terms (eq. 16 with λ = ``weight``):
+    ``aggregation="paper"`` sums them (with ``rho=0.5`` exactly eqs. 13 and 15),
+    ``"squared_sum"`` sums their squares (the authors' Keras code), ``"mean"`` averages and
+    ``"norm"`` takes the L2 norm (their PyTorch code). ``rho=0.51`` is eq. 17 with the
+    paper's ρ = 0.01 (zero initialisation).
+
+    Conv feature maps: ``conv_reduction="channel"`` treats a channel as a unit and a sample as
+    a point (extremes over the positions too, the authors' PyTorch code); ``"position"`` makes
+    every spatial position its own unit and point (their Keras code).
+
+    The hooks capture the *outputs* of the constrained layers, i.e. the pre-activation shared
+    by all members of a linked activation. By default every ``Linear`` and ``Conv`` layer
+    except the output one is constrained; pass ``layers=`` to choose. Under data-parallel
+    training (``torch.distributed`` initialised) the extremes over points are taken over the
+    global batch, so the penalty equals the single-process one.
+
+    Args:
+        model: the network; the penalty refers to its last forward pass.
+        kind: ``"u"``, ``"p"`` or ``"up"``.
+        weight: λ.
+        rho, margin, aggregation, conv_reduction, include_output, layers: see above.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> with SeparationConstraint(net, kind="up", weight=1e-4) as sep:
+        ...     loss = net(torch.randn(8, 2)).square().mean() + sep.penalty()
+        ...     loss.backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str = "up",
+        weight: float = 1.0,
+        rho: float = 0.5,
+        margin: float = 1.0,
+        aggregation: str = "paper",
+        conv_reduction: str = "channel",
+        include_output: bool = False,
+        layers: Sequence[nn.Module] | None = None,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"unknown separation kind {kind!r}; choose one of {KINDS}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+        if conv_reduction not in CONV_REDUCTIONS:
+            raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose one of {CONV_REDUCTIONS}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho must lie in [0, 1], got {rho}")
+        if weight < 0:
+            raise ValueError(f"weight (lambda) must be non-negative, got {weight}")
+        self.kind, self.weight, self.rho, self.margin = kind, float(weight), float(rho), float(margin)
+        self.aggregation, self.conv_reduction = aggregation, conv_reduction
+        self.layers = list(layers) if layers is not None else hidden_layers(model, include_output)
+        if not self.layers:
+            raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
+        self._captured: list[Tensor] = []
+        self._handles = [model.register_forward_pre_hook(self._reset)]
+        self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
+
+    # hooks
+    def _reset(self, module, args) -> None:
+        self._captured.clear()
+
+    def _capture(self, module, args, output: Tensor) -> None:
+        self._captured.append(output)
+
+    # API
+    @property
+    def preactivations(self) -> list[Tensor]:
+        """The pre-activations captured during the last forward pass, in call order."""
+        return list(self._captured)
+
+    def layer_terms(self) -> list[tuple[Tensor | None, Tensor | None]]:
+        """``(g_U, g_P)`` of each constrained layer (unweighted) for the last forward pass."""
+        if not self._captured:
+            raise RuntimeError("no forward pass has been recorded since the constraint was attached")
+        sync = _distributed()
+        out = []
+        for z in self._captured:
+            g_u, g_p = stacked_separation_penalty(
+                z.unsqueeze(0),
+                self.kind,
+                self.rho,
+                self.margin,
+                self.aggregation,
+                self.conv_reduction,
+                reduce_extremes=_global_extremes if sync else None,
+                gather_points=_global_points if sync else None,
+            )
+            out.append((None if g_u is None else g_u[0], None if g_p is None else g_p[0]))
+        return out
+
+    def penalty(self) -> Tensor:
+        """λ · (g_U + g_P) for the last forward pass (differentiable; works under ``no_grad`` too)."""
+        total = None
+        for g_u, g_p in self.layer_terms():
+            for g in (g_u, g_p):
+                if g is not None:
+                    total = g if total is None else total + g
+        return self.weight * total
+
+    def clear(self) -> None:
+        """Drop the captured pre-activations (frees their memory until the next forward)."""
+        self._captured.clear()
+
+    def remove(self) -> None:
+        """Detach every hook; the model is left exactly as before."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._captured.clear()
+
+    def __enter__(self) -> "SeparationConstraint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"SeparationConstraint(kind={self.kind!r}, weight={self.weight:g}, rho={self.rho:g}, "
+            f"margin={self.margin:g}, aggregation={self.aggregation!r}, "
+            f"conv_reduction={self.conv_reduction!r}, layers={len(self.layers)})"
+        )

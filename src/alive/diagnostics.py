@@ -1,0 +1,255 @@
+"""Liveness diagnostics: dead and affine units, dead points, flat linked units, dead neurons.
+
+Definitions (separation paper, Remarks 2.1–2.3; the papers' README):
+
+* a unit is **dead** when its pre-activation is ``<= 0`` on every point of the data set, and
+  **affine** (always on) when it is ``> 0`` on every point;
+* a point is **dead at a layer** when every unit of that layer has pre-activation ``<= 0`` on
+  it, and **dead** when it is dead at some layer;
+* a linked unit is **flat** when no member of its linkage has a non-zero derivative on any
+  point (the linkage condition forbids this);
+* the linked-neurons paper counts a neuron as dead when its *output* is 0 for all samples
+  (:func:`dead_neurons`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .activations import Linked, is_activation
+from .constraints import hidden_layers
+
+__all__ = ["LivenessReport", "liveness", "dead_neurons"]
+
+
+def _inputs(data) -> Tensor:
+    if isinstance(data, Tensor):
+        return data
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
+        return data[0]
+    if hasattr(data, "x_train"):
+        return data.x_train
+    raise TypeError(
+        "data must be a tensor of inputs, an (inputs, targets) pair, or an alive.data.Dataset; "
+        f"got {type(data).__name__}"
+    )
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _stream(model: nn.Module, data, batch_size: int) -> Iterator[int]:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    x = _inputs(data)
+    device = next((p.device for p in model.parameters()), x.device)
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device)
+            model(xb)
+            yield xb.shape[0]
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+
+
+@dataclass
+class LivenessReport:
+    """Per-layer liveness table plus a one-line summary (see :func:`liveness`)."""
+
+    layers: pd.DataFrame
+    linked: pd.DataFrame
+    points: int
+    dead_points: int
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def dead_point_fraction(self) -> float:
+        return self.dead_points / self.points if self.points else 0.0
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"LivenessReport({s['layers']} layers, {s['units']} units: {s['dead_units']} dead, "
+            f"{s['affine_units']} affine; {self.points} points: {self.dead_points} dead"
+            + (f"; {s['flat_linked_units']} flat linked units" if "flat_linked_units" in s else "")
+            + ")"
+        )
+
+
+def liveness(
+    model: nn.Module,
+    data,
+    batch_size: int = 1024,
+    layers: Sequence[nn.Module] | None = None,
+    conv_reduction: str = "channel",
+    include_output: bool = False,
+) -> LivenessReport:
+    """Stream ``data`` through ``model`` once (eval mode, no gradients) and count the living.
+
+    Args:
+        model: any network; by default its hidden ``Linear``/``Conv`` layers are inspected (the
+            same layers :class:`~alive.constraints.SeparationConstraint` constrains).
+        data: a tensor of inputs, an ``(inputs, targets)`` pair or an :class:`alive.data.Dataset`
+            (its training inputs).
+        conv_reduction: ``"channel"`` (a unit is a channel, extremes over positions too) or
+            ``"position"`` (every position of a feature map its own unit).
+
+    Returns:
+        a :class:`LivenessReport`: ``layers`` (one row per layer: units, dead units, affine
+        units, points dead at that layer), ``linked`` (one row per linked activation: units
+        and flat units) and the number of points dead at some layer.
+    """
+    if conv_reduction not in ("channel", "position"):
+        raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose 'channel' or 'position'")
+    layers = list(layers) if layers is not None else hidden_layers(model, include_output)
+    names = _names(model)
+    hi: dict[int, Tensor] = {}
+    lo: dict[int, Tensor] = {}
+    dead_at: dict[int, list[Tensor]] = {i: [] for i in range(len(layers))}
+    linked_mods = [m for m in model.modules() if isinstance(m, Linked)]
+    alive_linked: dict[int, Tensor] = {}
+
+    def unit_hook(i):
+        def hook(module, args, z):
+            sp = tuple(range(2, z.dim()))
+            red = (0,) + (sp if conv_reduction == "channel" else ())
+            zmax, zmin = z.amax(red), z.amin(red)
+            hi[i] = zmax if i not in hi else torch.maximum(hi[i], zmax)
+            lo[i] = zmin if i not in lo else torch.minimum(lo[i], zmin)
+            dead_at[i].append((z.flatten(1).amax(1) <= 0).cpu())
+
+        return hook
+
+    def linked_hook(i, mod: Linked):
+        def hook(module, args):
+            (z,) = args
+            red = (0,) + tuple(range(2, z.dim()))
+            with torch.enable_grad():
+                zz = z.detach().requires_grad_(True)
+                any_slope = torch.zeros(z.shape[1], dtype=torch.bool, device=z.device)
+                for g in mod.members:
+                    (d,) = torch.autograd.grad(g(zz).sum(), zz, allow_unused=True)
+                    if d is not None:
+                        any_slope |= (d != 0).any(dim=red) if z.dim() > 1 else (d != 0)
+            alive_linked[i] = any_slope if i not in alive_linked else alive_linked[i] | any_slope
+
+        return hook
+
+    handles = [layer.register_forward_hook(unit_hook(i)) for i, layer in enumerate(layers)]
+    handles += [m.register_forward_pre_hook(linked_hook(i, m)) for i, m in enumerate(linked_mods)]
+    points = 0
+    try:
+        for n in _stream(model, data, batch_size):
+            points += n
+    finally:
+        for h in handles:
+            h.remove()
+
+    rows = []
+    any_dead = torch.zeros(points, dtype=torch.bool)
+    for i, layer in enumerate(layers):
+        if i not in hi:
+            raise RuntimeError(f"layer {names.get(id(layer))} was not called by the forward pass")
+        dead_pts = torch.cat(dead_at[i])
+        any_dead |= dead_pts
+        rows.append(
+            {
+                "layer": names.get(id(layer), str(i)),
+                "index": i + 1,
+                "units": hi[i].numel(),
+                "dead_units": int((hi[i] <= 0).sum()),
+                "affine_units": int((lo[i] > 0).sum()),
+                "dead_points": int(dead_pts.sum()),
+            }
+        )
+    table = pd.DataFrame(rows)
+    linked_rows = [
+        {
+            "activation": names.get(id(m), str(i)),
+            "units": int(alive_linked[i].numel()),
+            "flat_units": int((~alive_linked[i]).sum()),
+        }
+        for i, m in enumerate(linked_mods)
+        if i in alive_linked
+    ]
+    linked_table = pd.DataFrame(linked_rows, columns=["activation", "units", "flat_units"])
+    summary = {
+        "layers": len(layers),
+        "units": int(table["units"].sum()),
+        "dead_units": int(table["dead_units"].sum()),
+        "affine_units": int(table["affine_units"].sum()),
+        "points": points,
+        "dead_points": int(any_dead.sum()),
+        "dead_point_fraction": float(any_dead.float().mean()) if points else 0.0,
+    }
+    if linked_rows:
+        summary["flat_linked_units"] = int(linked_table["flat_units"].sum())
+    return LivenessReport(table, linked_table, points, int(any_dead.sum()), summary)
+
+
+def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0.0) -> pd.DataFrame:
+    """Dead neurons per activation layer as the linked-neurons paper counts them.
+
+    A neuron is dead when its output is 0 (``|a| <= atol``) for every sample and every
+    position. For a linked activation the neuron is the linked unit: it is dead only when
+    *every* member's output is 0 everywhere; ``dead_members`` counts the member channels
+    that are (for mirror-linked ReLU, the ``relu(z)`` half of a unit that is always negative).
+
+    Returns:
+        a DataFrame with one row per activation module, in call order: ``layer`` (1-based),
+        ``name``, ``neurons`` (units), ``dead``, ``dead_members``.
+    """
+    names = _names(model)
+    acts = [m for m in model.modules() if is_activation(m)]
+    if not acts:
+        raise ValueError(f"{type(model).__name__} has no activation module to inspect")
+    alive: dict[int, Tensor] = {}
+    order: list[int] = []
+
+    def hook(module, args, out):
+        k = id(module)
+        red = (0,) + tuple(range(2, out.dim()))
+        nonzero = (out.abs() > atol).any(dim=red) if out.dim() > 1 else (out.abs() > atol)
+        if k not in alive:
+            order.append(k)
+            alive[k] = nonzero
+        else:
+            alive[k] = alive[k] | nonzero
+
+    handles = [m.register_forward_hook(hook) for m in acts]
+    try:
+        for _ in _stream(model, data, batch_size):
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    by_id = {id(m): m for m in acts}
+    rows = []
+    for i, k in enumerate(order):
+        members = by_id[k].num_members if isinstance(by_id[k], Linked) else 1
+        channel_alive = alive[k]
+        unit_alive = channel_alive.view(members, -1).any(0)
+        rows.append(
+            {
+                "layer": i + 1,
+                "name": names[k],
+                "neurons": int(unit_alive.numel()),
+                "dead": int((~unit_alive).sum()),
+                "dead_members": int((~channel_alive).sum()),
+            }
+        )
+    return pd.DataFrame(rows, columns=["layer", "name", "neurons", "dead", "dead_members"])

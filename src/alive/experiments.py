@@ -1,0 +1,740 @@
+"""Every table and figure of the two papers as one function call: parameters → runs → tables.
+
+Each experiment has a parameters dataclass (the notebook's ``parameters`` cell, validated:
+a wrong type or an unknown name is one clear error before anything trains), builds its
+:class:`~alive.config.RunConfig` list, gets the records from the result store (training only
+what is missing) and returns an :class:`ExperimentResult` with our numbers beside the
+papers' and a check of each claim the paper makes about them.
+
+``run("depth", epochs=3, seeds=[0, 1])`` is what a notebook calls; ``configs("depth", ...)``
+lists the runs without training (the CLI's ``sweep --experiment`` trains them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from . import paper
+from .activations import display_name, parse_activation
+from .config import ConfigError, RunConfig, check_fields
+from .results import Store, sweep, to_frame
+
+__all__ = [
+    "EXPERIMENTS",
+    "ExperimentResult",
+    "params",
+    "configs",
+    "run",
+    "METHODS",
+]
+
+
+# --------------------------------------------------------------------------- parameters
+@dataclass
+class Common:
+    """Parameters every experiment takes."""
+
+    profile: str = "smoke"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: int = 1
+    batch_size: int | None = 32
+    n_train: int | None = 256
+    n_test: int | None = 256
+    require_full: bool = False
+    device: str | None = None
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.profile not in ("smoke", "book", "paper", "custom"):
+            raise ConfigError(f"profile must be smoke, book, paper or custom, got {self.profile!r}")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        for name in ("activations", "methods"):
+            for a in getattr(self, name, ()):
+                if name == "activations":
+                    try:
+                        parse_activation(a)
+                    except ValueError as exc:
+                        raise ConfigError(str(exc)) from None
+                elif a not in METHODS:
+                    raise ConfigError(f"unknown method {a!r}; valid methods: {', '.join(METHODS)}")
+
+
+@dataclass
+class WidthParams(Common):
+    """Table 1: one conv layer of ``units`` units; SGD lr 0.01, batch 32, 50 epochs (paper)."""
+
+    units: list[int] = field(default_factory=lambda: [50, 400])
+    activations: list[str] = field(default_factory=lambda: list(paper.ACTIVATIONS))
+    lr: float = 0.01
+
+
+@dataclass
+class DepthParams(Common):
+    """Table 2: the 50-layer, 4-unit net; Adam lr 1e-3, batch 32, decay 1e-6 (text; the code used 0)."""
+
+    depth: int = 50
+    width: int = 4
+    activations: list[str] = field(default_factory=lambda: list(paper.ACTIVATIONS))
+    widened: list[str] = field(default_factory=lambda: ["relu", "prelu", "selu", "swish"])
+    batchnorm: bool = True
+    lr: float = 1e-3
+    decay: float = 1e-6
+
+
+@dataclass
+class ParamsParams(Common):
+    """Table 3: single vs √2 vs linked; RMSprop lr 1e-4, decay 1e-6, batch 32, 200 epochs (paper)."""
+
+    activations: list[str] = field(default_factory=lambda: ["relu", "prelu", "selu", "swish"])
+    lr: float = 1e-4
+    decay: float = 1e-6
+
+
+@dataclass
+class AllCNNParams(Common):
+    """Table 4: All-CNN-C; SGD Nesterov 0.9, lr 0.01, decay 1e-6, the step schedule, flips + shifts."""
+
+    activations: list[str] = field(default_factory=lambda: list(paper.ACTIVATIONS))
+    width_mult: float = 1.0
+    lr: float = 0.01
+    decay: float = 1e-6
+    schedule: str = "allcnn"
+
+
+@dataclass
+class ResNetParams(Common):
+    """Tables 5–6: the scaled ResNet-50; Adam lr 1e-3, decay 1e-6, batch 128, flips + shifts."""
+
+    activations: list[str] = field(default_factory=lambda: list(paper.ACTIVATIONS))
+    without_bn: list[str] = field(default_factory=lambda: ["lk-relu", "selu", "lk-selu"])
+    lr: float = 1e-3
+    decay: float = 1e-6
+
+
+@dataclass
+class ScalingParams(Common):
+    """Input standardisation: the Table 2 and Table 3 nets on raw, /255 and standardised input."""
+
+    nets: list[str] = field(default_factory=lambda: ["depth", "params"])
+    activations: list[str] = field(default_factory=lambda: ["relu", "lk-relu", "selu", "lk-selu"])
+    scalings: list[str] = field(default_factory=lambda: ["raw", "unit", "standardize"])
+
+
+@dataclass
+class GridParams(Common):
+    """A depth × width grid of rectangular networks (the separation paper's figures)."""
+
+    dataset: str = "moons"
+    methods: list[str] = field(default_factory=lambda: ["relu", "relu+bn", "sep-u", "sep-p", "sep-up"])
+    widths: list[int] = field(default_factory=lambda: [1, 2, 3])
+    depths: list[int] = field(default_factory=lambda: [1, 10])
+    lr: float = 0.01
+    weight: float = 1e-4
+    rho: float = 0.5
+    zero_rho: float = 0.51
+    anneal_p0: float = 0.9
+    anneal_epochs: int = 1000
+    batch_size: int | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    threshold: float = 0.95
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class ExperimentResult:
+    """What a notebook shows: the runs, the table beside the paper's, the claims check."""
+
+    name: str
+    params: Any
+    runs: pd.DataFrame
+    table: pd.DataFrame
+    claims: pd.DataFrame
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """Which profile, data, sizes and devices the numbers come from (no machine paths)."""
+        p = self.params
+        sources = sorted({r.get("data_source", "?") for r in self.records})
+        devices = sorted({r["environment"]["device"] for r in self.records})
+        diverged = int((self.runs["status"] == "diverged").sum()) if len(self.runs) else 0
+        lines = [
+            f"experiment: {self.name}   profile: {p.profile}",
+            f"runs: {len(self.records)} ({diverged} diverged), seeds {list(p.seeds)}, {p.epochs} epochs, batch size {p.batch_size}",
+            "data: " + "; ".join(sources),
+            "trained on: " + "; ".join(devices),
+        ]
+        return "\n".join(lines)
+
+
+def _claim(claim: str, paper_says: str, ours: str, agrees: bool | None) -> dict:
+    verdict = "n/a" if agrees is None else ("supported" if agrees else "not supported")
+    return {"claim": claim, "paper": paper_says, "ours": ours, "verdict": verdict}
+
+
+def _claims(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["claim", "paper", "ours", "verdict"])
+
+
+def _base_config(p: Common, **kw) -> RunConfig:
+    d = dict(
+        dataset="cifar10",
+        n_train=p.n_train,
+        n_test=p.n_test,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        require_full=p.require_full,
+    )
+    d.update(kw)
+    return RunConfig(**d)
+
+
+def _median(runs: pd.DataFrame, by: list[str], col: str = "best_val_acc") -> pd.DataFrame:
+    return runs.groupby(by, dropna=False)[col].agg(["median", "max", "min", "count"]).reset_index()
+
+
+def _chance(runs: pd.DataFrame) -> float:
+    return 0.1
+
+
+def _learns(acc: float, chance: float = 0.1, margin: float = 0.05) -> bool:
+    return acc is not None and not (isinstance(acc, float) and math.isnan(acc)) and acc > chance + margin
+
+
+# --------------------------------------------------------------------------- Table 1
+def _width_configs(p: WidthParams) -> list[RunConfig]:
+    return [
+        _base_config(p, experiment="width", model="width", width=u, activation=a, optimizer="sgd", lr=p.lr, seed=s)
+        for u in p.units
+        for a in p.activations
+        for s in p.seeds
+    ]
+
+
+def _width_result(p: WidthParams, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    med = runs.groupby(["width", "activation"])["best_val_acc"].median().unstack()
+    rows = []
+    for u in p.units:
+        if u in med.index:
+            rows.append(("ours (median)", u, med.loc[u]))
+        for v in ("v2", "v1"):
+            t = paper.table1(v)
+            if u in t.index:
+                rows.append((f"paper {v}", u, t.loc[u]))
+    table = pd.DataFrame([r[2].rename(None) for r in rows])
+    table.index = pd.MultiIndex.from_tuples([(r[1], r[0]) for r in rows], names=["units", "source"])
+    table = table[[a for a in p.activations if a in table.columns]]
+    table.columns = [display_name(a) for a in table.columns]
+    claims = []
+    bases = [a for a in p.activations if not a.startswith("lk-") and "lk-" + a in p.activations]
+    pv2 = paper.table1("v2")
+    for u in p.units:
+        if u not in med.index:
+            continue
+        ours_better = [b for b in bases if med.loc[u, "lk-" + b] > med.loc[u, b]]
+        paper_better = [b for b in bases if u in pv2.index and pv2.loc[u, "lk-" + b] > pv2.loc[u, b]]
+        claims.append(
+            _claim(
+                f"{u} units: a linked activation beats its plain version",
+                f"{len(paper_better)}/{len(bases)} ({', '.join(display_name(b) for b in paper_better)})",
+                f"{len(ours_better)}/{len(bases)} ({', '.join(display_name(b) for b in ours_better) or 'none'})",
+                len(ours_better) * 2 >= len(bases),
+            )
+        )
+    if len(p.units) >= 2 and all(u in med.index for u in p.units[:2]) and bases:
+        u0, u1 = p.units[0], p.units[1]
+        gap = lambda u: float(np.mean([med.loc[u, "lk-" + b] - med.loc[u, b] for b in bases]))  # noqa: E731
+        claims.append(
+            _claim(
+                f"the linked-minus-plain gap shrinks from {u0} to {u1} units",
+                "yes (mean gap v2: %+.3f -> %+.3f)" % tuple(
+                    float(np.mean([pv2.loc[u, "lk-" + b] - pv2.loc[u, b] for b in bases])) for u in (50, 400)
+                ),
+                f"mean gap {gap(u0):+.3f} -> {gap(u1):+.3f}",
+                gap(u1) < gap(u0),
+            )
+        )
+    return table, _claims(claims), {}
+
+
+# --------------------------------------------------------------------------- Table 2
+def _depth_rows(p: DepthParams) -> list[tuple[str, bool, bool]]:
+    rows = []
+    for a in p.activations:
+        rows.append((a, False, False))
+        if a in p.widened:
+            rows.append((a, True, False))
+    if p.batchnorm:
+        rows.append(("relu", False, True))
+    return rows
+
+
+def _depth_configs(p: DepthParams) -> list[RunConfig]:
+    return [
+        _base_config(
+            p, experiment="depth", model="depth", depth=p.depth, width=p.width, activation=a, widen=w,
+            batchnorm=bn, optimizer="adam", lr=p.lr, decay=p.decay, seed=s,
+        )
+        for a, w, bn in _depth_rows(p)
+        for s in p.seeds
+    ]
+
+
+def _row_label(a: str, widen: bool, bn: bool) -> str:
+    return display_name(a) + (" √2" if widen else "") + (" + BN" if bn else "")
+
+
+def _depth_result(p: DepthParams, runs: pd.DataFrame, records: list[dict]):
+    pv = {v: paper.table2(v) for v in ("v2", "v1")}
+    rows, dead_rows = [], []
+    for a, w, bn in _depth_rows(p):
+        sel = runs[(runs.activation == a) & (runs.widen == w) & (runs.batchnorm == bn)]
+        row = {"net": _row_label(a, w, bn)}
+        row["ours max"] = sel.best_val_acc.max()
+        row["ours median"] = sel.best_val_acc.median()
+        row["runs"] = len(sel)
+        row["diverged"] = int((sel.status == "diverged").sum())
+        for v, t in pv.items():
+            m = t[(t.activation == a) & (t.widen == w) & (t.batchnorm == bn)]
+            row[f"paper {v} max"] = m["max"].iloc[0] if len(m) else np.nan
+            row[f"paper {v} median"] = m["median"].iloc[0] if len(m) else np.nan
+        row["dead neurons (median)"] = sel.dead_neurons.median() if "dead_neurons" in sel else np.nan
+        rows.append(row)
+        for rec in records:
+            c = rec["config"]
+            if (c["activation"], c["widen"], c["batchnorm"]) == (a, w, bn) and rec.get("diagnostics", {}).get("dead_neurons"):
+                for layer, (dead, total) in enumerate(zip(rec["diagnostics"]["dead_neurons"], rec["diagnostics"]["neurons"]), 1):
+                    dead_rows.append({"net": row["net"], "seed": c["seed"], "layer": layer, "dead": dead, "neurons": total, "dead fraction": dead / total})
+    table = pd.DataFrame(rows).set_index("net")
+    dead = pd.DataFrame(dead_rows, columns=["net", "seed", "layer", "dead", "neurons", "dead fraction"])
+    med = table["ours median"]
+    claims = []
+
+    def lab(a, w=False, bn=False):
+        return _row_label(a, w, bn)
+
+    fail = [lab(a) for a in ("relu", "prelu", "swish") if a in p.activations] + [lab(a, True) for a in ("relu", "prelu", "swish") if a in p.widened]
+    fail = [f for f in fail if f in med.index]
+    if fail:
+        learned = [f for f in fail if _learns(med[f])]
+        claims.append(_claim("plain ReLU, PReLU, Swish (and √2) fail to learn (10%)", "all stay at 0.10",
+                             "learned: " + (", ".join(learned) or "none"), not learned))
+    learn = [lab(a) for a in ("lk-relu", "lk-prelu", "lk-selu", "selu") if a in p.activations]
+    learn = [f for f in learn if f in med.index]
+    if learn:
+        failed = [f for f in learn if not _learns(med[f])]
+        claims.append(_claim("LK-ReLU, LK-PReLU, LK-SELU and SELU learn", "0.52-0.57 median (v2)",
+                             "failed: " + (", ".join(failed) or "none") + f"; medians {', '.join(f'{f} {med[f]:.3f}' for f in learn)}",
+                             not failed))
+    if lab("lk-swish") in med.index:
+        claims.append(_claim("LK-Swish fails (exploding gradients)", "0.10", f"{med[lab('lk-swish')]:.3f}", not _learns(med[lab("lk-swish")])))
+    if lab("relu", False, True) in med.index:
+        linked = [med[f] for f in (lab("lk-relu"), lab("lk-selu")) if f in med.index]
+        bn = med[lab("relu", False, True)]
+        claims.append(_claim("ReLU + BN learns but is worse than the linked nets", "0.511 vs 0.561-0.567 (v2 median)",
+                             f"{bn:.3f} vs {', '.join(f'{x:.3f}' for x in linked)}", bool(linked) and _learns(bn) and bn < max(linked)))
+    if len(dead):
+        per = dead.groupby(["net", "layer"])["dead"].median().unstack("layer")
+        plain = [f for f in (lab("relu"), lab("prelu")) if f in per.index]
+        linked = [f for f in (lab("lk-relu"), lab("lk-prelu"), lab("lk-selu")) if f in per.index]
+        if plain:
+            first = []
+            for f in plain:
+                layers = [c for c in per.columns if per.loc[f, c] > 0]
+                first.append(f"{f}: {'layer ' + str(min(layers)) if layers else 'none'}")
+            ok = all(any(per.loc[f] > 0) for f in plain)
+            claims.append(_claim("plain activations show dead neurons (from layer ~7)", "from layer 7 onwards", "first dead layer " + "; ".join(first), ok))
+        if linked:
+            total = {f: int(per.loc[f].sum()) for f in linked}
+            claims.append(_claim("linked activations keep every neuron alive", "no dead neurons",
+                                 ", ".join(f"{f}: {n} dead" for f, n in total.items()), all(n == 0 for n in total.values())))
+    return table, _claims(claims), {"dead_neurons": dead}
+
+
+# --------------------------------------------------------------------------- Table 3
+def _params_configs(p: ParamsParams) -> list[RunConfig]:
+    out = []
+    for a in p.activations:
+        for variant in ("single", "sqrt2", "linked"):
+            act = "lk-" + a if variant == "linked" else a
+            for s in p.seeds:
+                out.append(_base_config(p, experiment="params", model="params", activation=act, widen=variant == "sqrt2",
+                                        optimizer="rmsprop", lr=p.lr, decay=p.decay, seed=s))
+    return out
+
+
+def _variant(row) -> str:
+    return "linked" if row["activation"].startswith("lk-") else ("sqrt2" if row["widen"] else "single")
+
+
+def _params_result(p: ParamsParams, runs: pd.DataFrame):
+    runs = runs.assign(variant=runs.apply(_variant, axis=1), base=runs.activation.str.replace("lk-", "", regex=False))
+    med = runs.groupby(["base", "variant"])["best_val_acc"].median().unstack()
+    params = runs.groupby(["base", "variant"])["parameters"].first().unstack()
+    cols = {}
+    for v in ("single", "sqrt2", "linked"):
+        cols[("ours (median)", v)] = med.get(v)
+    for ver in ("v2", "v1"):
+        t = paper.table3(ver)
+        for v in ("single", "sqrt2", "linked"):
+            cols[(f"paper {ver}", v)] = t[v]
+    for v in ("single", "sqrt2", "linked"):
+        cols[("parameters", v)] = params.get(v)
+    table = pd.DataFrame(cols).loc[[a for a in p.activations if a in med.index]]
+    table.index = [display_name(a) for a in table.index]
+    claims = []
+    for a in p.activations:
+        if a not in med.index or med.loc[a].isna().any():
+            continue
+        ours = med.loc[a]
+        t = paper.table3("v2").loc[a]
+        claims.append(_claim(f"{display_name(a)}: linked beats single and √2",
+                             f"single {t.single:.3f}, √2 {t.sqrt2:.3f}, linked {t.linked:.3f}",
+                             f"single {ours.single:.3f}, √2 {ours.sqrt2:.3f}, linked {ours.linked:.3f}",
+                             ours.linked > ours.single and ours.linked > ours.sqrt2))
+    return table, _claims(claims), {}
+
+
+# --------------------------------------------------------------------------- Tables 4-6
+def _allcnn_configs(p: AllCNNParams) -> list[RunConfig]:
+    return [
+        _base_config(p, experiment="allcnn", model="allcnn", activation=a, width_mult=p.width_mult, optimizer="nesterov",
+                     momentum=0.9, lr=p.lr, decay=p.decay, schedule=p.schedule, augment=True, seed=s)
+        for a in p.activations
+        for s in p.seeds
+    ]
+
+
+def _single_table(p, runs: pd.DataFrame, published: Callable[[str], pd.Series]) -> pd.DataFrame:
+    med = runs.groupby("activation")["best_val_acc"].median()
+    table = pd.DataFrame({"ours (median)": med, "paper v2": published("v2"), "paper v1": published("v1")})
+    table = table.loc[[a for a in p.activations if a in table.index]]
+    table.index = [display_name(a) for a in table.index]
+    return table
+
+
+def _linked_vs_plain_claims(p, runs, published, title) -> list[dict]:
+    med = runs.groupby("activation")["best_val_acc"].median()
+    pv = published("v2")
+    bases = [a for a in p.activations if not a.startswith("lk-") and "lk-" + a in p.activations and a in med and "lk-" + a in med]
+    ours = [b for b in bases if med["lk-" + b] > med[b]]
+    theirs = [b for b in bases if pv["lk-" + b] > pv[b]]
+    best_ours = med.loc[[a for a in p.activations if a in med]].idxmax() if len(med) else None
+    rows = [
+        _claim(f"{title}: linked beats plain, per activation", f"{len(theirs)}/{len(bases)} ({', '.join(display_name(b) for b in theirs)})",
+               f"{len(ours)}/{len(bases)} ({', '.join(display_name(b) for b in ours) or 'none'})", len(ours) * 2 > len(bases) if bases else None),
+        _claim(f"{title}: a linked activation is best overall", display_name(pv.idxmax()),
+               display_name(best_ours) if best_ours else "-", None if best_ours is None else best_ours.startswith("lk-")),
+    ]
+    return rows
+
+
+def _allcnn_result(p: AllCNNParams, runs: pd.DataFrame):
+    table = _single_table(p, runs, paper.table4)
+    return table, _claims(_linked_vs_plain_claims(p, runs, paper.table4, "All-CNN")), {}
+
+
+def _resnet_configs(p: ResNetParams) -> list[RunConfig]:
+    out = []
+    for a in p.activations:
+        for s in p.seeds:
+            out.append(_base_config(p, experiment="resnet", model="resnet50", activation=a, batchnorm=True, optimizer="adam",
+                                    lr=p.lr, decay=p.decay, augment=True, seed=s))
+    for a in p.without_bn:
+        for s in p.seeds:
+            out.append(_base_config(p, experiment="resnet", model="resnet50", activation=a, batchnorm=False, optimizer="adam",
+                                    lr=p.lr, decay=p.decay, augment=True, seed=s))
+    return out
+
+
+def _resnet_result(p: ResNetParams, runs: pd.DataFrame):
+    with_bn = runs[runs.batchnorm]
+    table5 = _single_table(p, with_bn, paper.table5)
+    claims = _linked_vs_plain_claims(p, with_bn, paper.table5, "ResNet-50")
+    # Table 6: accuracy and total wall time relative to LK-ReLU without BN, per device and seed
+    rows = []
+    pv = {v: paper.table6(v) for v in ("v2", "v1")}
+    ref = runs[(runs.activation == "lk-relu") & (~runs.batchnorm)]
+    for a, bn in paper._T6_ROWS:
+        sel = runs[(runs.activation == a) & (runs.batchnorm == bn)]
+        if not len(sel):
+            continue
+        ratios = []
+        for _, r in sel.iterrows():
+            m = ref[(ref.seed == r.seed) & (ref.device == r.device)]
+            if len(m):
+                ratios.append(r.total_s / m.total_s.iloc[0])
+        row = {"net": display_name(a) + (" BN" if bn else " no BN"), "ours accuracy": sel.best_val_acc.median(),
+               "ours time ratio": float(np.median(ratios)) if ratios else np.nan}
+        for v, t in pv.items():
+            m = t[(t.activation == a) & (t.batchnorm == bn)]
+            row[f"paper {v} accuracy"] = m.accuracy.iloc[0]
+            row[f"paper {v} time ratio"] = m.time_ratio.iloc[0]
+        rows.append(row)
+    table6 = pd.DataFrame(rows).set_index("net") if rows else pd.DataFrame()
+    if len(table6):
+        for a in ("LK-ReLU", "LK-SELU"):
+            if f"{a} BN" in table6.index and f"{a} no BN" in table6.index:
+                d = table6.loc[f"{a} no BN", "ours accuracy"] - table6.loc[f"{a} BN", "ours accuracy"]
+                claims.append(_claim(f"{a} performs about the same with and without BN", "within 0.5 points (v2)",
+                                     f"no BN minus BN: {d:+.3f}", abs(d) < 0.02))
+        if "LK-ReLU BN" in table6.index:
+            r = table6.loc["LK-ReLU BN", "ours time ratio"]
+            claims.append(_claim("dropping BN makes LK-ReLU about 2x faster", "2.09x (v2)", f"{r:.2f}x", r > 1.5 if r == r else None))
+    return table5, _claims(claims), {"table6": table6}
+
+
+# --------------------------------------------------------------------------- standardisation
+def _scaling_configs(p: ScalingParams) -> list[RunConfig]:
+    out = []
+    for net in p.nets:
+        for a in p.activations:
+            for sc in p.scalings:
+                for s in p.seeds:
+                    if net == "depth":
+                        kw = dict(model="depth", depth=50, width=4, optimizer="adam", lr=1e-3, decay=1e-6)
+                    else:
+                        kw = dict(model="params", optimizer="rmsprop", lr=1e-4, decay=1e-6)
+                    out.append(_base_config(p, experiment="scaling", activation=a, scaling=sc, seed=s, **kw))
+    return out
+
+
+def _scaling_result(p: ScalingParams, runs: pd.DataFrame):
+    runs = runs.assign(net=runs.model.map({"depth": "Table 2 net (50 x 4)", "params": "Table 3 net"}))
+    table = runs.groupby(["net", "activation", "scaling"])["best_val_acc"].median().unstack("scaling")
+    table = table[[s for s in p.scalings if s in table.columns]]
+    table.index = pd.MultiIndex.from_tuples([(n, display_name(a)) for n, a in table.index], names=["net", "activation"])
+    claims = []
+    if {"raw", "standardize"} <= set(table.columns):
+        for net in table.index.get_level_values(0).unique():
+            for a in p.activations:
+                key = (net, display_name(a))
+                if key not in table.index:
+                    continue
+                raw, std = table.loc[key, "raw"], table.loc[key, "standardize"]
+                if a.startswith("lk-"):
+                    claims.append(_claim(f"{net}, {display_name(a)}: raw 0-255 input trains as well as standardised input",
+                                         "linked neurons remove the need for standardised input (abstract; not measured)",
+                                         f"raw {raw:.3f} vs standardised {std:.3f}", raw >= std - 0.02))
+                else:
+                    claims.append(_claim(f"{net}, {display_name(a)}: plain activation on raw input (for contrast)",
+                                         "plain units need standardised input (implied)", f"raw {raw:.3f} vs standardised {std:.3f}", None))
+    return table, _claims(claims), {}
+
+
+# --------------------------------------------------------------------------- separation grids
+#: grid methods: name -> RunConfig changes (λ, ρ and annealing come from the parameters)
+METHODS = ("relu", "relu+bn", "sep-u", "sep-p", "sep-up", "lk-relu", "lk-relu+bn", "sep-up-zero", "relu-zero")
+
+
+def _method_kwargs(m: str, p: GridParams) -> dict:
+    if m == "relu":
+        return {}
+    if m == "relu+bn":
+        return {"batchnorm": True}
+    if m in ("sep-u", "sep-p", "sep-up"):
+        return {"constraint": m.split("-")[1], "weight": p.weight, "rho": p.rho}
+    if m == "lk-relu":
+        return {"activation": "lk-relu"}
+    if m == "lk-relu+bn":
+        return {"activation": "lk-relu", "batchnorm": True}
+    zero = {"init": "zero"}
+    if p.dataset == "moons":
+        zero.update(annealed_dropout=p.anneal_p0, anneal_epochs=p.anneal_epochs)
+    if m == "sep-up-zero":
+        zero.update(constraint="up", weight=p.weight, rho=p.zero_rho)
+    return zero
+
+
+def _grid_configs(p: GridParams, experiment: str) -> list[RunConfig]:
+    model = "mlp" if p.dataset == "moons" else "cnn"
+    out = []
+    for m in p.methods:
+        for d in p.depths:
+            for w in p.widths:
+                for s in p.seeds:
+                    kw = dict(experiment=experiment, dataset=p.dataset, model=model, depth=d, width=w, optimizer="adam",
+                              lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, seed=s, **_method_kwargs(m, p))
+                    if p.dataset != "moons":
+                        kw.update(n_train=p.n_train, n_test=p.n_test, require_full=p.require_full)
+                    out.append(RunConfig(**kw))
+    return out
+
+
+def method_of(row) -> str:
+    """The grid method name of a run (a row of :func:`alive.results.to_frame`)."""
+    zero = row["init"] == "zero"
+    if row["constraint"] != "none":
+        return "sep-up-zero" if zero else f"sep-{row['constraint']}"
+    if zero:
+        return "relu-zero"
+    name = "lk-relu" if row["activation"] == "lk-relu" else "relu"
+    return name + ("+bn" if row["batchnorm"] else "")
+
+
+METHOD_LABELS = {
+    "relu": "ReLU", "relu+bn": "ReLU + BN", "sep-u": "Sep-U", "sep-p": "Sep-P", "sep-up": "Sep-UP",
+    "lk-relu": "LK-ReLU", "lk-relu+bn": "LK-ReLU + BN", "sep-up-zero": "Sep-UP, zero init", "relu-zero": "ReLU, zero init",
+}
+
+
+def _grid_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    g = runs.assign(method=runs.apply(method_of, axis=1))
+    cols = ["method", "depth", "width", "seed", "best_val_acc", "status"]
+    for c in ("dead_point_fraction", "dead_units", "units"):
+        if c in g:
+            cols.append(c)
+    g = g[cols].copy()
+    if "dead_units" in g:
+        g["dead_unit_fraction"] = g.dead_units / g.units
+    return g
+
+
+def deepest_good(grid: pd.DataFrame, method: str, threshold: float, width: int | None = None) -> int | None:
+    """The largest depth at which ``method`` reaches ``threshold`` (median over seeds), at ``width`` or any width."""
+    g = grid[grid.method == method]
+    if width is not None:
+        g = g[g.width == width]
+    med = g.groupby(["depth", "width"]).best_val_acc.median()
+    good = med[med >= threshold]
+    return int(good.index.get_level_values("depth").max()) if len(good) else None
+
+
+def narrowest_good(grid: pd.DataFrame, method: str, threshold: float, depth: int) -> int | None:
+    """The smallest width at which ``method`` reaches ``threshold`` at ``depth`` (median over seeds)."""
+    g = grid[(grid.method == method) & (grid.depth == depth)]
+    med = g.groupby("width").best_val_acc.median()
+    good = med[med >= threshold]
+    return int(good.index.min()) if len(good) else None
+
+
+def _breakdown(grid: pd.DataFrame, method: str, threshold: float) -> str:
+    """For each width, the deepest depth reaching the threshold, compactly."""
+    parts = []
+    for w in sorted(grid.width.unique()):
+        d = deepest_good(grid, method, threshold, w)
+        parts.append(f"w{w}:{d if d is not None else '-'}")
+    return " ".join(parts)
+
+
+def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame:
+    t = p.threshold
+    rows = []
+    methods = set(grid.method)
+    depths = sorted(grid.depth.unique())
+    deep = max(depths)
+    say = {k: v for k, v in paper.SEPARATION_CLAIMS[figure]}
+    if figure in ("fig1", "fig2", "fig3"):
+        if "relu" in methods:
+            d = deepest_good(grid, "relu", t)
+            rows.append(_claim(f"ReLU breaks down with depth (deepest net reaching {t:.0%})", say.get("relu", ""),
+                               f"deepest: {d}; per width {_breakdown(grid, 'relu', t)}", None if d is None else d < deep))
+        if "relu+bn" in methods:
+            d = deepest_good(grid, "relu+bn", t)
+            rows.append(_claim(f"ReLU + BN degrades with depth (deepest net reaching {t:.0%})", say.get("relu+bn", ""),
+                               f"deepest: {d}; per width {_breakdown(grid, 'relu+bn', t)}", None if d is None else d < deep))
+        if "sep-up" in methods:
+            d = deepest_good(grid, "sep-up", t)
+            rows.append(_claim(f"Sep-UP trains deeper than ReLU and ReLU + BN (deepest net reaching {t:.0%})",
+                               say.get("sep-up", say.get("all", "")),
+                               f"deepest: {d}; per width {_breakdown(grid, 'sep-up', t)}",
+                               None if d is None else all(d >= (deepest_good(grid, m, t) or 0) for m in ("relu", "relu+bn") if m in methods)))
+            if figure == "fig1" and 3 in set(grid.width):
+                d3 = deepest_good(grid, "sep-up", t, width=3)
+                rows.append(_claim("Sep-UP at width 3 reaches full accuracy up to 60 layers", say["sep-up"],
+                                   f"deepest at width 3: {d3}", None if d3 is None else d3 >= 60))
+        if figure == "fig3" and {"relu", "sep-up"} <= methods:
+            acc = grid.groupby("method").best_val_acc.mean()
+            rows.append(_claim("ReLU is best on average, closely followed by Sep-UP", say.get("relu", ""),
+                               ", ".join(f"{METHOD_LABELS[m]} {acc[m]:.3f}" for m in acc.index), acc.get("relu", 0) >= acc.get("sep-up", 0)))
+    if figure == "fig5":
+        for m in ("sep-u", "sep-p"):
+            if m in methods:
+                d = deepest_good(grid, m, t)
+                rows.append(_claim(f"{METHOD_LABELS[m]}: deepest net reaching {t:.0%}", say[m],
+                                   f"deepest: {d}; per width {_breakdown(grid, m, t)}", None))
+        if "sep-u" in methods and 1 in set(grid.width):
+            acc = grid[(grid.method == "sep-u") & (grid.width == 1)].groupby("depth").best_val_acc.median()
+            rows.append(_claim("Sep-U trains 120 layers of one unit (above chance)", say["sep-u"],
+                               f"width 1 best accuracy at depth {int(acc.index.max())}: {acc.iloc[-1]:.3f}", acc.iloc[-1] > 0.6))
+    if figure == "fig4" and "sep-up-zero" in methods:
+        d = deepest_good(grid, "sep-up-zero", t)
+        rows.append(_claim(f"zero-initialised Sep-UP trains (deepest net reaching {t:.0%})", say["sep-up-zero"],
+                           f"deepest: {d}; per width {_breakdown(grid, 'sep-up-zero', t)}", None if d is None else d > 1))
+        if "relu-zero" in methods:
+            acc = grid[grid.method == "relu-zero"].best_val_acc.max()
+            rows.append(_claim("without the constraint, zero-initialised ReLU cannot break symmetry", "(implied: the constraint is needed)",
+                               f"best accuracy of any zero-initialised plain ReLU net: {acc:.3f}", acc < 0.75))
+    return _claims(rows)
+
+
+def _grid_result(p: GridParams, runs: pd.DataFrame, figure: str):
+    grid = _grid_frame(runs)
+    table = grid.pivot_table(index=["method", "width"], columns="depth", values="best_val_acc", aggfunc="median")
+    table = table.rename(index=METHOD_LABELS, level=0)
+    return table, _grid_claims(p, grid, figure), {"grid": grid}
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class _Experiment:
+    params: type
+    configs: Callable[[Any], list[RunConfig]]
+    result: Callable[..., tuple]
+    wants_records: bool = False
+
+
+EXPERIMENTS: dict[str, _Experiment] = {
+    "width": _Experiment(WidthParams, _width_configs, _width_result),
+    "depth": _Experiment(DepthParams, _depth_configs, _depth_result, wants_records=True),
+    "params": _Experiment(ParamsParams, _params_configs, _params_result),
+    "allcnn": _Experiment(AllCNNParams, _allcnn_configs, _allcnn_result),
+    "resnet": _Experiment(ResNetParams, _resnet_configs, _resnet_result),
+    "scaling": _Experiment(ScalingParams, _scaling_configs, _scaling_result),
+    "moons": _Experiment(GridParams, lambda p: _grid_configs(p, "moons"), lambda p, r: _grid_result(p, r, "fig1")),
+    "mnist": _Experiment(GridParams, lambda p: _grid_configs(p, "mnist"), lambda p, r: _grid_result(p, r, "fig2")),
+    "cifar": _Experiment(GridParams, lambda p: _grid_configs(p, "cifar"), lambda p, r: _grid_result(p, r, "fig3")),
+    "zero_init": _Experiment(GridParams, lambda p: _grid_configs(p, "zero_init"), lambda p, r: _grid_result(p, r, "fig4")),
+}
+
+
+def _lookup(name: str) -> _Experiment:
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
+
+
+def params(name: str, **values) -> Any:
+    """The validated parameters of experiment ``name`` (unknown names and wrong types raise)."""
+    cls = _lookup(name).params
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {sorted(unknown)} for experiment {name!r}; it takes {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def configs(name: str, **values) -> list[RunConfig]:
+    """Every run configuration of experiment ``name`` with these parameters."""
+    return _lookup(name).configs(params(name, **values))
+
+
+def run(name: str, store: Store | None = None, progress: str = "auto", **values) -> ExperimentResult:
+    """Run (or load) experiment ``name`` and return its tables, claims and records."""
+    exp = _lookup(name)
+    p = params(name, **values)
+    cfgs = exp.configs(p)
+    records = sweep(cfgs, store=store, device=p.device, progress=progress)
+    runs = to_frame(records)
+    out = exp.result(p, runs, records) if exp.wants_records else exp.result(p, runs)
+    table, claims, extra = out
+    return ExperimentResult(name, p, runs, table, claims, extra, records)

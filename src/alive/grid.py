@@ -1,0 +1,638 @@
+"""Batched grid engine: train many small rectangular networks in one pass.
+
+The separation paper's figures are grids of hundreds of small networks (MOONS: depths 1–120 ×
+widths 1–25 × methods, 5000 full-batch epochs each). Training them one by one spends nearly
+all the time in per-operation overhead. Here every network of a *group* (same data,
+optimiser, epochs, activation, BatchNorm or not) lives in one stack of tensors:
+
+* **widths** are padded to the widest network; padded units have zero weights, their
+  pre-activations and activations are forced to zero and they are masked out of every
+  separation term, so they change no output, gradient or penalty;
+* **depths** are handled by sorting the networks by depth: layer ``l`` runs only for the
+  first ``n_l`` networks (those at least ``l`` deep) and each network leaves the stack for its
+  output layer after its last hidden layer, so no work is spent on absent layers;
+* **methods and seeds** are just more networks: each has its own λ for Sep-U and Sep-P (0 for
+  plain ReLU), its own initial weights (copied from the single-network model built with its
+  seed, so initialisation is identical) and, for mini-batches, its own data order;
+* optimisers are element-wise, so one optimiser over the stacked tensors equals one per
+  network; the loss is the sum of the networks' losses, so each gets its own gradient.
+
+The result of each network is the same record :func:`alive.train.fit` would produce, up to
+floating-point summation order (``tests/test_grid.py`` checks cells against single runs).
+Two documented differences: annealed-dropout masks come from one random stream for the
+whole stack (statistically the same, not bitwise), and a network whose loss becomes
+non-finite is recorded as diverged at that epoch and then frozen while the others go on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import make_activation, parse_activation
+from .config import RunConfig
+from .functional import _BIG, dense_separation_penalty, stacked_separation_penalty
+from .models import build_model, count_parameters
+from .train import _autocast, _environment, _fp32_matmuls, _thin, load_data, lr_factor, make_optimizer, resolve_device, resolve_precision
+
+__all__ = ["can_batch", "group_configs", "train_group", "GridStack"]
+
+log = logging.getLogger("alive")
+
+_PER_NET = ("experiment", "depth", "width", "constraint", "weight", "seed")
+
+
+def can_batch(cfg: RunConfig) -> bool:
+    """Whether ``cfg`` can be trained by the grid engine (rectangular MLP/CNN, parameter-free activation)."""
+    if cfg.model not in ("mlp", "cnn") or cfg.augment:
+        return False
+    base, _ = parse_activation(cfg.activation)
+    return base not in ("prelu", "identity")
+
+
+def _group_key(cfg: RunConfig) -> tuple:
+    d = cfg.to_dict()
+    for k in _PER_NET:
+        d.pop(k)
+    if cfg.model == "cnn":
+        d["seed"] = cfg.seed  # conv stacks share one data order (their first layer is one dense conv)
+    return tuple(sorted(d.items()))
+
+
+def _cost(cfg: RunConfig, batch: int) -> float:
+    """Elements held for backward by one network in a stack (a memory estimate)."""
+    spatial = 1 if cfg.model == "mlp" else 28 * 28 if cfg.dataset == "mnist" else 32 * 32
+    return cfg.depth * cfg.width * batch * spatial * 8.0
+
+
+def _width_buckets(members: Sequence[RunConfig], overhead: float) -> list[list[RunConfig]]:
+    """Split one group by width so that padding waste and per-stack overhead balance.
+
+    A stack costs about ``overhead`` elements' worth of time per layer (operation dispatch)
+    plus one unit of time per padded element it processes; a dynamic programme over the
+    sorted distinct widths picks the cheapest partition into contiguous width ranges.
+    """
+    widths = sorted({c.width for c in members})
+    by_width = {w: [c for c in members if c.width == w] for w in widths}
+
+    def cost(ws: list[int]) -> float:
+        nets = [c for w in ws for c in by_width[w]]
+        points = nets[0].batch_size or (nets[0].moons_n if nets[0].dataset == "moons" else 60000)
+        return overhead * max(c.depth for c in nets) + max(ws) * points * sum(c.depth for c in nets)
+
+    best = [0.0] + [math.inf] * len(widths)
+    cut = [0] * (len(widths) + 1)
+    for j in range(1, len(widths) + 1):
+        for i in range(j):
+            c = best[i] + cost(widths[i:j])
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    buckets, j = [], len(widths)
+    while j > 0:
+        buckets.append([c for w in widths[cut[j] : j] for c in by_width[w]])
+        j = cut[j]
+    return buckets[::-1]
+
+
+def group_configs(configs: Sequence[RunConfig], memory_gb: float | None = None, device=None) -> list[list[RunConfig]]:
+    """Split ``configs`` into stacks the engine trains together.
+
+    Configurations that differ only in depth, width, constraint, λ, seed (and, for CNNs, not
+    in seed) share a stack; widths are bucketed (:func:`_width_buckets`) and stacks are cut to
+    stay within ``memory_gb`` (default ``$ALIVE_GRID_MEMORY_GB`` or 3) of activations.
+    """
+    if memory_gb is None:
+        memory_gb = float(os.environ.get("ALIVE_GRID_MEMORY_GB", "3"))
+    budget = memory_gb * 1e9 / 4
+    # per-layer dispatch cost in element-equivalents (measured: ~0.3 ms per layer step and
+    # ~30 ns per padded element on this project's 2-core CPU; launches dominate on a GPU)
+    overhead = 1e4 if resolve_device(device).type == "cpu" else 1e7
+    groups: dict[tuple, list[RunConfig]] = defaultdict(list)
+    for c in configs:
+        if not can_batch(c):
+            raise ValueError(f"{c.label} ({c.model}) cannot be trained by the grid engine")
+        groups[_group_key(c)].append(c)
+    out = []
+    for members in groups.values():
+        for bucket in _width_buckets(members, overhead):
+            bucket = sorted(bucket, key=lambda c: (-c.depth, -c.width))
+            chunk, used = [], 0.0
+            for c in bucket:
+                batch = c.batch_size or (c.moons_n if c.dataset == "moons" else 60000)
+                cost = _cost(c, batch)
+                if chunk and used + cost > budget:
+                    out.append(chunk)
+                    chunk, used = [], 0.0
+                chunk.append(c)
+                used += cost
+            if chunk:
+                out.append(chunk)
+    return out
+
+
+@dataclass
+class _Layout:
+    """Where the net, point and unit dimensions are in a layer's canonical tensor."""
+
+    conv: bool
+
+    def stacked(self, z: Tensor) -> Tensor:
+        """View as ``(nets, points, units, *spatial)``."""
+        return z.transpose(0, 1) if self.conv else z
+
+    def net_dim(self) -> int:
+        return 1 if self.conv else 0
+
+    def unit_shape(self, n: int, width: int) -> tuple[int, ...]:
+        return (1, n, width, 1, 1) if self.conv else (n, 1, width)
+
+
+class GridStack(nn.Module):
+    """The stacked parameters of a group of rectangular networks (see the module docstring)."""
+
+    def __init__(self, configs: Sequence[RunConfig], input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        cfg0 = configs[0]
+        self.configs = sorted(configs, key=lambda c: -c.depth)  # stable: keeps the given order within a depth
+        self.conv = cfg0.model == "cnn"
+        self.layout = _Layout(self.conv)
+        self.n = len(self.configs)
+        self.depths = [c.depth for c in self.configs]
+        self.widths = [c.width for c in self.configs]
+        self.wm = max(self.widths)
+        self.fac = 2 if parse_activation(cfg0.activation)[1] else 1
+        self.batchnorm = cfg0.batchnorm
+        self.dropout = (cfg0.annealed_dropout, cfg0.anneal_epochs) if cfg0.annealed_dropout > 0 else None
+        self.activation = make_activation(cfg0.activation, dim=2)
+        self.active = [sum(d > l for d in self.depths) for l in range(max(self.depths))]  # n_l
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
+        mask = torch.zeros(self.n, self.wm)
+        for i, w in enumerate(self.widths):
+            mask[i, :w] = 1
+        self.register_buffer("unit_mask", mask)
+        self.register_buffer("unit_mask_bool", mask.bool())
+        # index-based extremes are faster; zero initialisation needs tie splitting (every z ties)
+        self.ties = "split" if cfg0.init == "zero" else "first"
+        self.padded = any(w < self.wm for w in self.widths)
+        with torch.no_grad():
+            g0 = self.activation(torch.zeros(1, 1, 1))
+        self.mask_output = self.padded and bool((g0 != 0).any())
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.gammas, self.betas = nn.ParameterList(), nn.ParameterList()
+        self.running: list[tuple[str, str]] = []
+        self._build(self.configs)
+        cu = torch.tensor([c.weight if "u" in c.constraint else 0.0 for c in self.configs])
+        cp = torch.tensor([c.weight if "p" in c.constraint else 0.0 for c in self.configs])
+        self.register_buffer("coef_u", cu)
+        self.register_buffer("coef_p", cp)
+        self.any_u, self.any_p = bool((cu > 0).any()), bool((cp > 0).any())
+        self.kinds = ("u" if self.any_u else "") + ("p" if self.any_p else "")
+        # the dense fast path (index extremes, one weighted pass per layer) unless ties must split
+        self.fast = not self.conv and self.ties == "first" and cfg0.aggregation != "norm"
+        self.register_buffer("point_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)
+        self.cfg0 = cfg0
+
+    # ------------------------------------------------------------------ construction
+    def _in_index(self, layer: int, width: int) -> list[int]:
+        """Stacked input positions of a single network's input channels at ``layer``."""
+        if layer == 0:
+            return list(range(self.input_shape[0]))
+        return [k * self.wm + u for k in range(self.fac) for u in range(width)]
+
+    def _build(self, configs: Sequence[RunConfig]) -> None:
+        singles = []
+        for c in configs:
+            torch.manual_seed(c.seed)  # exactly as alive.train.fit builds it
+            singles.append(build_model(c.model, self.input_shape, self.num_classes, **c.model_kwargs()))
+        self.single_parameters = [count_parameters(m) for m in singles]
+        weighted = [[m for m in s.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] for s in singles]
+        norms = [[m for m in s.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))] for s in singles]
+        wm, fac = self.wm, self.fac
+        for l, n in enumerate(self.active):
+            cin = self.input_shape[0] if l == 0 else wm * fac
+            if self.conv:
+                k = weighted[0][0].kernel_size[0]
+                w = torch.zeros(n * wm, cin, k, k)
+            else:
+                w = torch.zeros(n, cin, wm)
+            b = torch.zeros(n * wm) if self.conv else torch.zeros(n, 1, wm)
+            for i in range(n):
+                src = weighted[i][l]
+                width = self.widths[i]
+                idx = torch.tensor(self._in_index(l, width))
+                if self.conv:
+                    w[i * wm : i * wm + width, idx] = src.weight.detach()
+                    b[i * wm : i * wm + width] = src.bias.detach()
+                else:
+                    w[i, idx, :width] = src.weight.detach().t()
+                    b[i, 0, :width] = src.bias.detach()
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+            if self.batchnorm:
+                g, be = torch.zeros(n, wm), torch.zeros(n, wm)
+                rm, rv = torch.zeros(n, wm), torch.ones(n, wm)
+                for i in range(n):
+                    bn, width = norms[i][l], self.widths[i]
+                    g[i, :width], be[i, :width] = bn.weight.detach(), bn.bias.detach()
+                    rm[i, :width], rv[i, :width] = bn.running_mean, bn.running_var
+                self.gammas.append(nn.Parameter(g))
+                self.betas.append(nn.Parameter(be))
+                self.register_buffer(f"running_mean_{l}", rm)
+                self.register_buffer(f"running_var_{l}", rv)
+                self.bn_eps, self.bn_momentum = norms[0][l].eps, norms[0][l].momentum
+        spatial = 1 if not self.conv else self.input_shape[1] * self.input_shape[2]
+        head_w = torch.zeros(self.n, wm * fac * spatial, self.num_classes)
+        head_b = torch.zeros(self.n, 1, self.num_classes)
+        for i in range(self.n):
+            src = weighted[i][-1]
+            chans = torch.tensor(self._in_index(1, self.widths[i]))
+            rows = (chans[:, None] * spatial + torch.arange(spatial)[None, :]).flatten()
+            head_w[i, rows] = src.weight.detach().t()
+            head_b[i, 0] = src.bias.detach()
+        self.head_w, self.head_b = nn.Parameter(head_w), nn.Parameter(head_b)
+
+    # ------------------------------------------------------------------ forward
+    def _dropout(self, h: Tensor, p: float, gen: torch.Generator | None) -> Tensor:
+        if p <= 0:
+            return h
+        keep = torch.rand(h.shape, generator=gen, device="cpu").to(h.device) >= p
+        return h * keep / (1.0 - p)
+
+    def _batchnorm(self, z: Tensor, l: int, n: int, train: bool) -> Tensor:
+        g, b = self.gammas[l], self.betas[l]
+        rm, rv = getattr(self, f"running_mean_{l}"), getattr(self, f"running_var_{l}")
+        if self.conv:
+            return F.batch_norm(z, rm.view(-1), rv.view(-1), g.view(-1), b.view(-1), train, self.bn_momentum, self.bn_eps)
+        if train:
+            mean = z.mean(1, keepdim=True)
+            var = z.var(1, unbiased=False, keepdim=True)
+            with torch.no_grad():
+                m, count = self.bn_momentum, z.shape[1]
+                rm.mul_(1 - m).add_(mean.squeeze(1), alpha=m)
+                rv.mul_(1 - m).add_(var.squeeze(1) * count / max(count - 1, 1), alpha=m)
+        else:
+            mean, var = rm.unsqueeze(1), rv.unsqueeze(1)
+        return (z - mean) * torch.rsqrt(var + self.bn_eps) * g.unsqueeze(1) + b.unsqueeze(1)
+
+    def forward(self, x: Tensor, train: bool = True, dropout_p: float = 0.0, gen=None, capture: bool = False):
+        """Logits ``(nets, points, classes)``, the per-net penalty ``(nets,)`` and, with ``capture``,
+        each layer's pre-activations and activations (canonical layout)."""
+        wm, fac = self.wm, self.fac
+        finished: list[Tensor] = []
+        captured: list[tuple[Tensor, Tensor]] = []
+        pen = x.new_zeros(self.n)
+        want_pen = train and (self.any_u or self.any_p)
+        if self.conv:
+            h = x  # (B, C, H, W), shared by every net
+        else:
+            h = x.unsqueeze(0).expand(self.n, *x.shape) if x.dim() == 2 else x  # (n, B, F)
+        depth = len(self.active)
+        for l, n in enumerate(self.active):
+            if self.conv:
+                if l > 0:
+                    h = h[:, : n * wm * fac]
+                if self.dropout and train:
+                    h = self._dropout(h, dropout_p, gen)
+                groups = 1 if l == 0 else n
+                w = self.weights[l]
+                z = F.conv2d(h, w, self.biases[l], padding=w.shape[-1] // 2, groups=groups)
+                if self.batchnorm:
+                    z = self._batchnorm(z, l, n, train)
+                z = z.view(z.shape[0], n, wm, *z.shape[2:])  # (B, n, wm, H, W)
+            else:
+                h = h[:n]
+                if self.dropout and train:
+                    h = self._dropout(h, dropout_p, gen)
+                z = torch.baddbmm(self.biases[l], h, self.weights[l])  # (n, B, wm)
+                if self.batchnorm:
+                    z = self._batchnorm(z, l, n, train)
+            # padded units have zero weights that never receive a gradient, so z is exactly 0 there
+            if want_pen and self.fast:
+                layer_pen = dense_separation_penalty(
+                    z,
+                    self.coef_u[:n],
+                    self.coef_p[:n],
+                    self.cfg0.rho,
+                    self.cfg0.margin,
+                    self.cfg0.aggregation,
+                    point_fill=self.point_fill[:n] if self.padded else None,
+                    unit_weight=self.unit_mask[:n] if self.padded else None,
+                )
+                pen = pen + F.pad(layer_pen, (0, self.n - n))
+            elif want_pen:
+                g_u, g_p = stacked_separation_penalty(
+                    self.layout.stacked(z),
+                    self.kinds,
+                    self.cfg0.rho,
+                    self.cfg0.margin,
+                    self.cfg0.aggregation,
+                    self.cfg0.conv_reduction,
+                    unit_mask=self.unit_mask_bool[:n] if self.padded else None,
+                    ties=self.ties,
+                )
+                layer_pen = 0
+                if g_u is not None:
+                    layer_pen = layer_pen + self.coef_u[:n] * g_u
+                if g_p is not None:
+                    layer_pen = layer_pen + self.coef_p[:n] * g_p
+                pen = pen + F.pad(layer_pen, (0, self.n - n))
+            a = self.activation(z)
+            if self.mask_output:
+                a = a * self.unit_mask[:n].repeat(1, fac).view(self.layout.unit_shape(n, wm * fac))
+            if capture:
+                captured.append((z, a))
+            nxt = self.active[l + 1] if l + 1 < depth else 0
+            if self.conv:
+                a = a.reshape(a.shape[0], n * wm * fac, *a.shape[3:])
+                if nxt < n:
+                    finished.append(a[:, nxt * wm * fac :])
+            elif nxt < n:
+                finished.append(a[nxt:])
+            h = a
+        finished.reverse()
+        if self.conv:
+            feats = torch.cat(finished, 1)  # (B, N*wm*fac, H, W)
+            b = feats.shape[0]
+            feats = feats.view(b, self.n, -1).transpose(0, 1)  # (N, B, wm*fac*H*W)
+        else:
+            feats = torch.cat(finished, 0)  # (N, B, wm*fac)
+        if self.dropout and train:
+            feats = self._dropout(feats, dropout_p, gen)
+        logits = torch.baddbmm(self.head_b, feats, self.head_w)
+        return (logits, pen, captured) if capture else (logits, pen)
+
+
+def _ce_acc(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-net mean cross-entropy and accuracy; ``logits (N, B, C)``, ``y (B,)`` or ``(N, B)``."""
+    n, b, c = logits.shape
+    yy = y.expand(n, b) if y.dim() == 1 else y
+    ce = F.cross_entropy(logits.reshape(n * b, c).float(), yy.reshape(-1), reduction="none").view(n, b).mean(1)
+    correct = (logits.argmax(2) == yy).sum(1)
+    return ce, correct
+
+
+@torch.no_grad()
+def _evaluate(stack: GridStack, x: Tensor, y: Tensor, batch: int, precision: str) -> tuple[Tensor, Tensor]:
+    loss = torch.zeros(stack.n, device=x.device, dtype=torch.float64)
+    correct = torch.zeros(stack.n, device=x.device, dtype=torch.float64)
+    for s in range(0, x.shape[0], batch):
+        xb, yb = x[s : s + batch], y[s : s + batch]
+        with _autocast(x.device, precision):
+            logits, _ = stack(xb, train=False)
+        ce, right = _ce_acc(logits, yb)
+        loss += ce.double() * len(yb)
+        correct += right.double()
+    return loss / x.shape[0], correct / x.shape[0]
+
+
+@torch.no_grad()
+def _diagnostics(stack: GridStack, x: Tensor, batch: int) -> list[dict]:
+    """Per-net liveness and dead-neuron diagnostics, as :func:`alive.train.fit` records them."""
+    n, wm, fac = stack.n, stack.wm, stack.fac
+    hi: dict[int, Tensor] = {}
+    lo: dict[int, Tensor] = {}
+    out_alive: dict[int, Tensor] = {}
+    slope_alive: dict[int, Tensor] = {}
+    dead_pts: dict[int, list[Tensor]] = defaultdict(list)
+    members = list(stack.activation.members) if stack.fac == 2 else []
+    for s in range(0, x.shape[0], batch):
+        _, _, cap = stack(x[s : s + batch], train=False, capture=True)
+        for l, (z, a) in enumerate(cap):
+            zs = stack.layout.stacked(z)  # (n_l, B, wm, *sp)
+            az = stack.layout.stacked(a)
+            red = (1,) + tuple(range(3, zs.dim()))
+            zmax, zmin = zs.amax(red), zs.amin(red)
+            hi[l] = zmax if l not in hi else torch.maximum(hi[l], zmax)
+            lo[l] = zmin if l not in lo else torch.minimum(lo[l], zmin)
+            nz = (az != 0).any(dim=red)
+            out_alive[l] = nz if l not in out_alive else out_alive[l] | nz
+            m = stack.unit_mask[: zs.shape[0]].bool().view(zs.shape[0], 1, wm, *([1] * (zs.dim() - 3)))
+            pmax = zs.masked_fill(~m, -math.inf).flatten(2).amax(2)  # (n_l, B)
+            dead_pts[l].append(pmax <= 0)
+            if members:
+                with torch.enable_grad():
+                    zz = zs.detach().requires_grad_(True)
+                    slope = torch.zeros_like(zmax, dtype=torch.bool)
+                    for g in members:
+                        (d,) = torch.autograd.grad(g(zz).sum(), zz, allow_unused=True)
+                        if d is not None:
+                            slope |= (d != 0).any(dim=red)
+                slope_alive[l] = slope if l not in slope_alive else slope_alive[l] | slope
+    results = []
+    for i in range(n):
+        width, depth = stack.widths[i], stack.depths[i]
+        dn, dm, neurons, du, dp, flat = [], [], [], [], [], []
+        affine, any_dead = 0, None
+        for l in range(depth):
+            du.append(int((hi[l][i, :width] <= 0).sum()))
+            affine += int((lo[l][i, :width] > 0).sum())
+            member_alive = torch.stack([out_alive[l][i, k * wm : k * wm + width] for k in range(fac)])
+            dn.append(int((~member_alive.any(0)).sum()))
+            dm.append(int((~member_alive).sum()))
+            neurons.append(width)
+            pts = torch.cat([t[i] for t in dead_pts[l]])
+            dp.append(int(pts.sum()))
+            any_dead = pts if any_dead is None else any_dead | pts
+            if members:
+                flat.append(int((~slope_alive[l][i, :width]).sum()))
+        points = int(any_dead.numel())
+        diag = {
+            "dead_neurons": dn,
+            "dead_members": dm,
+            "neurons": neurons,
+            "liveness": {
+                "layers": depth,
+                "units": depth * width,
+                "dead_units": sum(du),
+                "affine_units": affine,
+                "points": points,
+                "dead_points": int(any_dead.sum()),
+                "dead_point_fraction": float(any_dead.float().mean()),
+            },
+            "dead_units_per_layer": du,
+            "dead_points_per_layer": dp,
+        }
+        if members:
+            diag["flat_linked_units"] = flat
+            diag["liveness"]["flat_linked_units"] = sum(flat)
+        results.append(diag)
+    return results
+
+
+def train_group(
+    configs: Sequence[RunConfig],
+    device=None,
+    progress: str = "auto",
+    eval_batch_size: int = 2048,
+) -> list[dict]:
+    """Train a group of compatible configurations together; one record per configuration.
+
+    The configurations must agree on everything but ``depth``, ``width``, ``constraint``,
+    ``weight``, ``seed`` and ``experiment`` (:func:`group_configs` forms such groups).
+    """
+    configs = list(configs)
+    keys = {_group_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ValueError("train_group needs configurations that differ only in depth, width, constraint, weight, seed")
+    dev = resolve_device(device)
+    cfg0 = configs[0]
+    precision = resolve_precision(cfg0.precision, dev)
+    _fp32_matmuls(dev, precision)
+    ds = load_data(cfg0).to(dev)
+    stack = GridStack(configs, ds.input_shape, ds.num_classes).to(dev)
+    configs = stack.configs  # sorted by depth
+    n = stack.n
+    opt = make_optimizer(cfg0, stack.parameters())
+    n_train = ds.x_train.shape[0]
+    steps = 1 if cfg0.batch_size is None else math.ceil(n_train / cfg0.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg0, steps))
+    seeds = sorted({c.seed for c in configs})
+    gens = {s: torch.Generator().manual_seed(s + 1) for s in seeds}
+    seed_index = torch.tensor([seeds.index(c.seed) for c in configs], device=dev)
+    drop_gen = torch.Generator().manual_seed(min(seeds) + 2)
+    hist = {k: torch.zeros(cfg0.epochs, n, dtype=torch.float64) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "penalty")}
+    times = []
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    diverged_at = [None] * n
+    log_every = max(1, cfg0.epochs // 10)
+    bar = None
+    if progress == "bar" or (progress == "auto" and __import__("sys").stderr.isatty()):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg0.epochs, desc=f"grid {cfg0.label} x{n}", leave=False, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    epochs_run = 0
+    for epoch in range(cfg0.epochs):
+        t0 = time.perf_counter()
+        stack.train()
+        p = 0.0
+        if stack.dropout:
+            from .init import annealed_dropout_rate
+
+            p = annealed_dropout_rate(epoch, *stack.dropout)
+        sums = {k: torch.zeros(n, device=dev, dtype=torch.float64) for k in ("loss", "acc", "pen")}
+        orders = {s: list(_epoch_batches(n_train, cfg0.batch_size, gens[s])) for s in seeds}
+        for b in range(len(orders[seeds[0]])):
+            if stack.conv:
+                idx = orders[seeds[0]][b].to(dev)
+                xb, yb = ds.x_train[idx], ds.y_train[idx]
+            else:
+                idx = torch.stack([orders[s][b] for s in seeds]).to(dev)  # (S, B)
+                per_net = idx[seed_index]  # (N, B)
+                xb, yb = ds.x_train[per_net], ds.y_train[per_net]
+            with _autocast(dev, precision):
+                logits, pen = stack(xb, train=True, dropout_p=p, gen=drop_gen)
+            ce, right = _ce_acc(logits.float(), yb)
+            total = torch.where(alive, ce + pen.float(), torch.zeros_like(ce)).sum()
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            bs = yb.shape[-1]
+            sums["loss"] += ce.detach().double() * bs
+            sums["acc"] += right.double()
+            sums["pen"] += pen.detach().double() * bs
+        val_loss, val_acc = _evaluate(stack, ds.x_test, ds.y_test, eval_batch_size, precision)
+        tr_loss, tr_acc, tr_pen = (sums[k] / n_train for k in ("loss", "acc", "pen"))
+        for k, v in (("train_loss", tr_loss), ("train_acc", tr_acc), ("val_loss", val_loss), ("val_acc", val_acc), ("penalty", tr_pen)):
+            hist[k][epoch] = v.cpu()
+        times.append(time.perf_counter() - t0)
+        epochs_run = epoch + 1
+        bad = alive & ~(torch.isfinite(tr_loss + tr_pen) & torch.isfinite(val_loss))
+        if bad.any():
+            for i in bad.nonzero().flatten().tolist():
+                diverged_at[i] = epoch + 1
+                log.warning("grid: %s depth %d width %d diverged at epoch %d", configs[i].label, configs[i].depth, configs[i].width, epoch + 1)
+            alive &= ~bad
+            _freeze(stack, opt, ~alive)
+            if not alive.any():
+                break
+        if bar is not None:
+            bar.update(1)
+        elif progress != "quiet" and ((epoch + 1) % log_every == 0 or epoch + 1 == cfg0.epochs):
+            log.info("grid %s x%d: epoch %d/%d, median val_acc %.3f (%.2fs/epoch)", cfg0.label, n, epoch + 1, cfg0.epochs, val_acc.median().item(), times[-1])
+    if bar is not None:
+        bar.close()
+    total_time = time.perf_counter() - t_start
+    diags = _diagnostics(stack, ds.x_train, eval_batch_size) if cfg0.diagnostics else [{}] * n
+    env = _environment(dev, 1)
+    env["grid_group_size"] = n
+    records = []
+    for i, c in enumerate(configs):
+        last = diverged_at[i] or epochs_run
+        h = {k: [_f(v) for v in hist[k][:last, i].tolist()] for k in hist}
+        h["epoch"] = list(range(1, last + 1))
+        h["lr"] = [cfg0.lr * lr_factor(cfg0, steps)(e * steps) for e in range(1, last + 1)]
+        h["time"] = times[:last]
+        val = h["val_acc"]
+        best = max(range(len(val)), key=lambda j: val[j])
+        records.append(
+            {
+                "key": c.key(precision),
+                "config": c.to_dict(),
+                "precision": precision,
+                "status": "diverged" if diverged_at[i] else "ok",
+                "diverged_epoch": diverged_at[i],
+                "metrics": {
+                    "best_val_acc": val[best],
+                    "best_epoch": best + 1,
+                    "final_val_acc": val[-1],
+                    "final_train_acc": h["train_acc"][-1],
+                    "final_train_loss": h["train_loss"][-1],
+                    "final_val_loss": h["val_loss"][-1],
+                    "epochs_run": last,
+                    "parameters": stack.single_parameters[i],
+                },
+                "history": _thin(h),
+                "timing": {"total_s": total_time, "mean_epoch_s": total_time / max(1, epochs_run), "batched_with": n},
+                "diagnostics": diags[i] if not diverged_at[i] else {},
+                "environment": env,
+                "data_source": ds.source,
+            }
+        )
+    return records
+
+
+def _f(v: float):
+    return v if math.isfinite(v) else None
+
+
+def _epoch_batches(n: int, batch_size: int | None, gen: torch.Generator):
+    from .data import batches
+
+    return batches(n, batch_size, gen)
+
+
+@torch.no_grad()
+def _freeze(stack: GridStack, opt: torch.optim.Optimizer, dead: Tensor) -> None:
+    """Zero the parameters (and optimiser state) of diverged networks; they stay inert from then on."""
+    idx = dead.nonzero().flatten()
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                v.nan_to_num_(0.0, 0.0, 0.0)
+    for l, n in enumerate(stack.active):
+        sel = idx[idx < n]
+        if len(sel) == 0:
+            continue
+        if stack.conv:
+            w, b = stack.weights[l].view(n, stack.wm, *stack.weights[l].shape[1:]), stack.biases[l].view(n, stack.wm)
+        else:
+            w, b = stack.weights[l], stack.biases[l]
+        w[sel] = 0
+        b[sel] = 0
+        if stack.batchnorm:
+            stack.gammas[l][sel] = 0
+            stack.betas[l][sel] = 0
+            getattr(stack, f"running_mean_{l}")[sel] = 0
+            getattr(stack, f"running_var_{l}")[sel] = 1
+    stack.head_w[idx] = 0
+    stack.head_b[idx] = 0

@@ -1,0 +1,299 @@
+"""The result store: one small JSON record per training run, keyed by a hash of its configuration.
+
+``results/<experiment>/<key>.json`` where ``key = RunConfig.key(precision)`` hashes every
+field of the configuration, the resolved precision and :data:`alive.config.RESULT_VERSION`.
+:func:`run` returns the stored record when there is one and trains (then stores) otherwise;
+:func:`sweep` does that for many configurations, resumably and optionally sharded over
+machines (``shard=(i, n)``); :func:`load` turns stored records into a pandas DataFrame.
+
+Environment variables: ``ALIVE_RESULTS`` (the store folder, default ``./results``) and
+``ALIVE_NO_TRAIN=1`` (never train: a missing record raises :class:`MissingResult`; the
+book's reproducibility check uses it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import pandas as pd
+
+from .config import RunConfig
+
+__all__ = ["Store", "MissingResult", "run", "sweep", "load", "histories", "parse_shard", "default_store"]
+
+log = logging.getLogger("alive")
+
+
+class MissingResult(LookupError):
+    """A record is not stored and training is not allowed (``ALIVE_NO_TRAIN=1``)."""
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``"2/8"`` or ``(2, 8)`` -> ``(2, 8)``; shard ``i`` of ``n`` takes every ``n``-th pending run."""
+    if shard is None:
+        return 0, 1
+    if isinstance(shard, str):
+        try:
+            i, n = (int(p) for p in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), got {shard!r}") from None
+    else:
+        i, n = shard
+    if n <= 0 or not 0 <= i < n:
+        raise ValueError(f"shard i/n needs 0 <= i < n, got {i}/{n}")
+    return i, n
+
+
+class Store:
+    """A folder of JSON records (default ``$ALIVE_RESULTS`` or ``./results``)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root if root is not None else os.environ.get("ALIVE_RESULTS", "results"))
+
+    def path(self, experiment: str, key: str) -> Path:
+        return self.root / experiment / f"{key}.json"
+
+    def checkpoint_path(self, experiment: str, key: str) -> Path:
+        return self.root / experiment / f"{key}.ckpt"
+
+    def get(self, cfg: RunConfig, precision: str) -> dict | None:
+        p = self.path(cfg.experiment, cfg.key(precision))
+        if not p.exists():
+            return None
+        with open(p) as f:
+            return json.load(f)
+
+    def put(self, record: dict) -> Path:
+        """Write ``record`` atomically (temporary file + rename); returns its path."""
+        exp = record["config"]["experiment"]
+        p = self.path(exp, record["key"])
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(_clean(record), f, indent=1, sort_keys=True, allow_nan=False)
+                f.write("\n")
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return p
+
+    @contextmanager
+    def lock(self, experiment: str, key: str) -> Iterator[bool]:
+        """An exclusive lock file so that two processes never train the same run at once.
+
+        Yields False (and holds nothing) when another live process holds it.
+        """
+        p = self.root / experiment / f"{key}.lock"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _stale(p):
+                    p.unlink(missing_ok=True)
+                    continue
+                yield False
+                return
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            try:
+                yield True
+            finally:
+                p.unlink(missing_ok=True)
+            return
+        yield False
+
+    def records(self, experiment: str | None = None) -> list[dict]:
+        folders = [self.root / experiment] if experiment else sorted(p for p in self.root.iterdir() if p.is_dir())
+        out = []
+        for folder in folders:
+            for p in sorted(folder.glob("*.json")):
+                with open(p) as f:
+                    out.append(json.load(f))
+        return out
+
+
+def _stale(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return True
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _clean(obj):
+    """JSON-safe: NaN/inf become None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def default_store() -> Store:
+    return Store()
+
+
+def _no_train() -> bool:
+    return os.environ.get("ALIVE_NO_TRAIN", "") not in ("", "0")
+
+
+def _precision(cfg: RunConfig, device) -> str:
+    from .train import resolve_device, resolve_precision
+
+    return resolve_precision(cfg.precision, resolve_device(device))
+
+
+def run(config: RunConfig, store: Store | None = None, device=None, retrain: bool = False, **fit_kwargs) -> dict:
+    """The record of ``config``: from the store if there, else trained, stored and returned.
+
+    ``fit_kwargs`` go to :func:`alive.train.fit` (``compile``, ``progress``, ...); training
+    checkpoints into the store every ``checkpoint_every`` epochs (default 10) and resumes
+    from there if it was killed.
+    """
+    from .train import fit
+
+    store = store or default_store()
+    precision = _precision(config, device)
+    if not retrain:
+        rec = store.get(config, precision)
+        if rec is not None:
+            return rec
+    if _no_train():
+        raise MissingResult(
+            f"no stored result for {config.label} (experiment {config.experiment!r}, key {config.key(precision)}) "
+            "and ALIVE_NO_TRAIN is set"
+        )
+    key = config.key(precision)
+    with store.lock(config.experiment, key) as mine:
+        if not mine:
+            raise RuntimeError(f"another process is training {config.experiment}/{key}; run again when it is done")
+        fit_kwargs.setdefault("checkpoint", store.checkpoint_path(config.experiment, key))
+        fit_kwargs.setdefault("checkpoint_every", 10)
+        record = fit(config, device=device, **fit_kwargs)
+        store.put(record)
+    return record
+
+
+def sweep(
+    configs: Sequence[RunConfig],
+    store: Store | None = None,
+    device=None,
+    shard=None,
+    engine: str = "auto",
+    progress: str = "auto",
+    **fit_kwargs,
+) -> list[dict]:
+    """Records for every configuration, training only what is missing.
+
+    A sweep killed half-way and restarted trains only the missing runs and never writes a
+    record twice. ``shard="i/n"`` trains only the pending runs with ``index % n == i`` (in a
+    stable order), so ``n`` machines or GPUs can share one sweep and one store; the returned
+    list then holds the records available so far. ``engine="auto"`` trains groups of small
+    MLP/CNN grid cells together with :mod:`alive.grid` (same results, much faster);
+    ``"single"`` trains one network at a time.
+    """
+    from .grid import can_batch, train_group, group_configs
+
+    store = store or default_store()
+    i, n = parse_shard(shard)
+    configs = list(configs)
+    precision = {id(c): _precision(c, device) for c in configs}
+    seen: set[tuple[str, str]] = set()
+    pending = []
+    for c in configs:
+        k = (c.experiment, c.key(precision[id(c)]))
+        if k in seen:
+            continue
+        seen.add(k)
+        if store.get(c, precision[id(c)]) is None:
+            pending.append(c)
+    pending.sort(key=lambda c: c.key(precision[id(c)]))
+    mine = [c for j, c in enumerate(pending) if j % n == i]
+    if mine and _no_train():
+        raise MissingResult(
+            f"{len(mine)} of {len(configs)} results are not stored (e.g. {mine[0].label} in {mine[0].experiment!r}) "
+            "and ALIVE_NO_TRAIN is set"
+        )
+    if mine:
+        log.info("sweep: %d stored, %d to train here (shard %d/%d)", len(configs) - len(pending), len(mine), i, n)
+    single = mine
+    if engine != "single":
+        batchable = [c for c in mine if can_batch(c)]
+        single = [c for c in mine if not can_batch(c)]
+        for group in group_configs(batchable):
+            for rec in train_group(group, device=device, progress=progress):
+                store.put(rec)
+    for c in single:
+        run(c, store, device, progress=progress, **fit_kwargs)
+    out = []
+    for c in configs:
+        rec = store.get(c, precision[id(c)])
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+_METRIC_COLUMNS = ("best_val_acc", "best_epoch", "final_val_acc", "final_train_acc", "final_train_loss", "epochs_run", "parameters")
+
+
+def _row(rec: dict) -> dict[str, Any]:
+    row = dict(rec["config"])
+    row["key"] = rec["key"]
+    row["status"] = rec["status"]
+    row["diverged_epoch"] = rec.get("diverged_epoch")
+    for k in _METRIC_COLUMNS:
+        row[k] = rec["metrics"].get(k)
+    row["total_s"] = rec["timing"]["total_s"]
+    row["mean_epoch_s"] = rec["timing"]["mean_epoch_s"]
+    row["device"] = rec["environment"]["device"]
+    live = rec.get("diagnostics", {}).get("liveness")
+    if live:
+        row["dead_units"] = live["dead_units"]
+        row["units"] = live["units"]
+        row["dead_point_fraction"] = live["dead_point_fraction"]
+    dn = rec.get("diagnostics", {}).get("dead_neurons")
+    if dn is not None:
+        row["dead_neurons"] = sum(dn)
+    return row
+
+
+def to_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """One row per record: every config field, the metrics, timing and liveness summary."""
+    return pd.DataFrame([_row(r) for r in records])
+
+
+def load(experiment: str | None = None, store: Store | None = None, records: Iterable[dict] | None = None) -> pd.DataFrame:
+    """Stored records of ``experiment`` (or the given ``records``) as a DataFrame."""
+    if records is None:
+        records = (store or default_store()).records(experiment)
+    return to_frame(records)
+
+
+def histories(records: Iterable[dict]) -> pd.DataFrame:
+    """Per-epoch histories in long form: one row per (run, epoch)."""
+    frames = []
+    for r in records:
+        h = pd.DataFrame(r["history"])
+        h["key"] = r["key"]
+        h["label"] = RunConfig.from_dict(r["config"]).label
+        frames.append(h)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
