@@ -27,16 +27,42 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _global_extremes(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
-    from torch.distributed.nn.functional import all_gather
+class _GatherCat(torch.autograd.Function):
+    """Concatenate every process's tensor along ``dim`` (sizes may differ), differentiably.
 
-    return torch.stack(all_gather(hi)).amax(0), torch.stack(all_gather(lo)).amin(0)
+    Every process then computes the same penalty from the gathered tensor; backward sums the
+    processes' gradients of each piece (an all-reduce), and DDP's gradient averaging divides
+    by the world size again, so the parameter gradient equals the single-process one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int) -> Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        size = torch.tensor([x.shape[dim]], device=x.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        sizes = [int(t) for t in sizes]
+        pad = [0, 0] * (x.dim() - 1 - dim) + [0, max(sizes) - x.shape[dim]]
+        padded = torch.nn.functional.pad(x, pad).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.dim, ctx.sizes, ctx.rank = dim, sizes, rank
+        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad.narrow(ctx.dim, start, ctx.sizes[ctx.rank]), None
+
+
+def _global_extremes(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
+    return _GatherCat.apply(hi.unsqueeze(0), 0).amax(0), _GatherCat.apply(lo.unsqueeze(0), 0).amin(0)
 
 
 def _global_points(s: Tensor) -> Tensor:
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(s), dim=1)
+    return _GatherCat.apply(s, 1)
 
 
 class SeparationConstraint:

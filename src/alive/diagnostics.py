@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .activations import Linked, is_activation
 from .constraints import hidden_layers
 
-__all__ = ["LivenessReport", "liveness", "dead_neurons"]
+__all__ = ["LivenessReport", "liveness", "dead_neurons", "dead_unit_gradients"]
 
 
 def _inputs(data) -> Tensor:
@@ -253,3 +253,45 @@ def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0
             }
         )
     return pd.DataFrame(rows, columns=["layer", "name", "neurons", "dead", "dead_members"])
+
+
+def dead_unit_gradients(bias: float = -100.0, points: int = 64, weight: float = 1e-4, seed: int = 0) -> pd.DataFrame:
+    """The gradient a unit with a hugely negative bias receives, three ways.
+
+    One hidden unit ``z = w·x + b`` (``b = bias``) feeds a linear output trained to a random
+    target. With ReLU the unit is dead: ``relu(z) = 0`` on every point, and its weights get
+    exactly zero gradient. Linking (``(relu(z), relu(-z))``) or adding Sep-U (λ = ``weight``)
+    gives it a non-zero gradient, so it can come back.
+    """
+    from .activations import make_activation
+    from .constraints import SeparationConstraint
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(points, 2, generator=g)
+    target = torch.randn(points, 1, generator=g)
+    rows = []
+    for label, act, sep in (("ReLU", "relu", False), ("LK-ReLU", "lk-relu", False), ("ReLU + Sep-U", "relu", True)):
+        torch.manual_seed(seed)
+        unit = nn.Linear(2, 1)
+        with torch.no_grad():
+            unit.bias.fill_(bias)
+        a = make_activation(act)
+        out = nn.Linear(2 if act.startswith("lk-") else 1, 1)
+        net = nn.Sequential(unit, a, out)
+        constraint = SeparationConstraint(net, kind="u", weight=weight, layers=[unit]) if sep else None
+        loss = nn.functional.mse_loss(net(x), target)
+        if constraint is not None:
+            loss = loss + constraint.penalty()
+            constraint.remove()
+        loss.backward()
+        with torch.no_grad():
+            zmax = float(unit(x).max())
+        rows.append(
+            {
+                "unit": label,
+                "max pre-activation": zmax,
+                "|dL/dw|": float(unit.weight.grad.norm()),
+                "|dL/db|": float(unit.bias.grad.abs().sum()),
+            }
+        )
+    return pd.DataFrame(rows).set_index("unit")

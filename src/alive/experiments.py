@@ -31,6 +31,10 @@ __all__ = [
     "configs",
     "run",
     "METHODS",
+    "METHOD_LABELS",
+    "compare_methods",
+    "deepest_good",
+    "narrowest_good",
 ]
 
 
@@ -87,6 +91,8 @@ class DepthParams(Common):
     batchnorm: bool = True
     lr: float = 1e-3
     decay: float = 1e-6
+    sweep_depths: list[int] = field(default_factory=list)
+    sweep_activations: list[str] = field(default_factory=lambda: ["relu", "lk-relu", "selu", "lk-selu"])
 
 
 @dataclass
@@ -124,6 +130,7 @@ class ScalingParams(Common):
     """Input standardisation: the Table 2 and Table 3 nets on raw, /255 and standardised input."""
 
     nets: list[str] = field(default_factory=lambda: ["depth", "params"])
+    depth: int = 50
     activations: list[str] = field(default_factory=lambda: ["relu", "lk-relu", "selu", "lk-selu"])
     scalings: list[str] = field(default_factory=lambda: ["raw", "unit", "standardize"])
 
@@ -183,6 +190,16 @@ def _claim(claim: str, paper_says: str, ours: str, agrees: bool | None) -> dict:
 
 def _claims(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["claim", "paper", "ours", "verdict"])
+
+
+def _long(table: pd.DataFrame, group: str, sources: dict[str, str]) -> pd.DataFrame:
+    """Long form ``(group, item, source, accuracy)`` of a wide table, for bar charts."""
+    rows = []
+    for item, row in table.iterrows():
+        for col, source in sources.items():
+            if col in table.columns and pd.notna(row[col]):
+                rows.append({"group": group, "item": item, "source": source, "accuracy": float(row[col])})
+    return pd.DataFrame(rows, columns=["group", "item", "source", "accuracy"])
 
 
 def _base_config(p: Common, **kw) -> RunConfig:
@@ -263,7 +280,12 @@ def _width_result(p: WidthParams, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.
                 gap(u1) < gap(u0),
             )
         )
-    return table, _claims(claims), {}
+    comparison = pd.concat(
+        [_long(table.xs(u, level="units").T, f"{u} units", {"ours (median)": "ours", "paper v2": "paper v2", "paper v1": "paper v1"})
+         for u in p.units if u in table.index.get_level_values("units")],
+        ignore_index=True,
+    )
+    return table, _claims(claims), {"comparison": comparison}
 
 
 # --------------------------------------------------------------------------- Table 2
@@ -278,15 +300,19 @@ def _depth_rows(p: DepthParams) -> list[tuple[str, bool, bool]]:
     return rows
 
 
+def _depth_config(p: DepthParams, depth: int, a: str, w: bool, bn: bool, s: int) -> RunConfig:
+    return _base_config(p, experiment="depth", model="depth", depth=depth, width=p.width, activation=a, widen=w,
+                        batchnorm=bn, optimizer="adam", lr=p.lr, decay=p.decay, seed=s)
+
+
+def _sweep_rows(p: DepthParams) -> list[tuple[str, bool, bool]]:
+    return [(a, False, False) for a in p.sweep_activations] + ([("relu", False, True)] if p.batchnorm else [])
+
+
 def _depth_configs(p: DepthParams) -> list[RunConfig]:
-    return [
-        _base_config(
-            p, experiment="depth", model="depth", depth=p.depth, width=p.width, activation=a, widen=w,
-            batchnorm=bn, optimizer="adam", lr=p.lr, decay=p.decay, seed=s,
-        )
-        for a, w, bn in _depth_rows(p)
-        for s in p.seeds
-    ]
+    table = [_depth_config(p, p.depth, a, w, bn, s) for a, w, bn in _depth_rows(p) for s in p.seeds]
+    sweep = [_depth_config(p, d, a, w, bn, s) for d in p.sweep_depths for a, w, bn in _sweep_rows(p) for s in p.seeds if d != p.depth]
+    return table + sweep
 
 
 def _row_label(a: str, widen: bool, bn: bool) -> str:
@@ -295,6 +321,9 @@ def _row_label(a: str, widen: bool, bn: bool) -> str:
 
 def _depth_result(p: DepthParams, runs: pd.DataFrame, records: list[dict]):
     pv = {v: paper.table2(v) for v in ("v2", "v1")}
+    sweep_runs = runs
+    runs = runs[runs.depth == p.depth]
+    records = [r for r in records if r["config"]["depth"] == p.depth]
     rows, dead_rows = [], []
     for a, w, bn in _depth_rows(p):
         sel = runs[(runs.activation == a) & (runs.widen == w) & (runs.batchnorm == bn)]
@@ -308,6 +337,7 @@ def _depth_result(p: DepthParams, runs: pd.DataFrame, records: list[dict]):
             row[f"paper {v} max"] = m["max"].iloc[0] if len(m) else np.nan
             row[f"paper {v} median"] = m["median"].iloc[0] if len(m) else np.nan
         row["dead neurons (median)"] = sel.dead_neurons.median() if "dead_neurons" in sel else np.nan
+        row["parameters"] = sel.parameters.iloc[0] if len(sel) else np.nan
         rows.append(row)
         for rec in records:
             c = rec["config"]
@@ -357,7 +387,30 @@ def _depth_result(p: DepthParams, runs: pd.DataFrame, records: list[dict]):
             total = {f: int(per.loc[f].sum()) for f in linked}
             claims.append(_claim("linked activations keep every neuron alive", "no dead neurons",
                                  ", ".join(f"{f}: {n} dead" for f, n in total.items()), all(n == 0 for n in total.values())))
-    return table, _claims(claims), {"dead_neurons": dead}
+    comparison = _long(table, "Table 2 (median over seeds)", {"ours median": "ours", "paper v2 median": "paper v2", "paper v1 median": "paper v1"})
+    extra = {"dead_neurons": dead, "comparison": comparison}
+    if p.sweep_depths:
+        rows = []
+        for a, w, bn in _sweep_rows(p):
+            sel = sweep_runs[(sweep_runs.activation == a) & (sweep_runs.widen == w) & (sweep_runs.batchnorm == bn)]
+            for d in sorted(set(p.sweep_depths) | {p.depth}):
+                at = sel[sel.depth == d]
+                if len(at):
+                    rows.append({"net": _row_label(a, w, bn), "depth": d, "best_val_acc": at.best_val_acc.median()})
+        sweep = pd.DataFrame(rows)
+        extra["depth_sweep"] = sweep
+        deepest = {}
+        for net, g in sweep.groupby("net", sort=False):
+            ok = g[g.best_val_acc > 0.15]
+            deepest[net] = int(ok.depth.max()) if len(ok) else 0
+        plain = [n for n in deepest if not n.startswith("LK-") and "BN" not in n]
+        linked = [n for n in deepest if n.startswith("LK-")]
+        if plain and linked:
+            claims.append(_claim("beyond the paper: linked nets train deeper than their plain versions (accuracy > 0.15)",
+                                 "implied by Table 2",
+                                 ", ".join(f"{n}: {d or 'none'}" for n, d in deepest.items()),
+                                 all(deepest["LK-" + n] >= deepest[n] for n in plain if "LK-" + n in deepest)))
+    return table, _claims(claims), extra
 
 
 # --------------------------------------------------------------------------- Table 3
@@ -401,7 +454,13 @@ def _params_result(p: ParamsParams, runs: pd.DataFrame):
                              f"single {t.single:.3f}, √2 {t.sqrt2:.3f}, linked {t.linked:.3f}",
                              f"single {ours.single:.3f}, √2 {ours.sqrt2:.3f}, linked {ours.linked:.3f}",
                              ours.linked > ours.single and ours.linked > ours.sqrt2))
-    return table, _claims(claims), {}
+    names = {"single": "single", "sqrt2": "√2", "linked": "linked"}
+    comparison = pd.concat(
+        [_long(table[[c for c in table.columns if c[1] == v]].droplevel(1, axis=1), names[v],
+               {"ours (median)": "ours", "paper v2": "paper v2", "paper v1": "paper v1"}) for v in names],
+        ignore_index=True,
+    )
+    return table, _claims(claims), {"comparison": comparison}
 
 
 # --------------------------------------------------------------------------- Tables 4-6
@@ -440,7 +499,8 @@ def _linked_vs_plain_claims(p, runs, published, title) -> list[dict]:
 
 def _allcnn_result(p: AllCNNParams, runs: pd.DataFrame):
     table = _single_table(p, runs, paper.table4)
-    return table, _claims(_linked_vs_plain_claims(p, runs, paper.table4, "All-CNN")), {}
+    comparison = _long(table, "Table 4", {"ours (median)": "ours", "paper v2": "paper v2", "paper v1": "paper v1"})
+    return table, _claims(_linked_vs_plain_claims(p, runs, paper.table4, "All-CNN")), {"comparison": comparison}
 
 
 def _resnet_configs(p: ResNetParams) -> list[RunConfig]:
@@ -490,7 +550,10 @@ def _resnet_result(p: ResNetParams, runs: pd.DataFrame):
         if "LK-ReLU BN" in table6.index:
             r = table6.loc["LK-ReLU BN", "ours time ratio"]
             claims.append(_claim("dropping BN makes LK-ReLU about 2x faster", "2.09x (v2)", f"{r:.2f}x", r > 1.5 if r == r else None))
-    return table5, _claims(claims), {"table6": table6}
+    comparison = _long(table5, "Table 5 (with BN)", {"ours (median)": "ours", "paper v2": "paper v2", "paper v1": "paper v1"})
+    if len(table6):
+        comparison = pd.concat([comparison, _long(table6, "Table 6", {"ours accuracy": "ours", "paper v2 accuracy": "paper v2", "paper v1 accuracy": "paper v1"})], ignore_index=True)
+    return table5, _claims(claims), {"table6": table6, "comparison": comparison}
 
 
 # --------------------------------------------------------------------------- standardisation
@@ -501,7 +564,7 @@ def _scaling_configs(p: ScalingParams) -> list[RunConfig]:
             for sc in p.scalings:
                 for s in p.seeds:
                     if net == "depth":
-                        kw = dict(model="depth", depth=50, width=4, optimizer="adam", lr=1e-3, decay=1e-6)
+                        kw = dict(model="depth", depth=p.depth, width=4, optimizer="adam", lr=1e-3, decay=1e-6)
                     else:
                         kw = dict(model="params", optimizer="rmsprop", lr=1e-4, decay=1e-6)
                     out.append(_base_config(p, experiment="scaling", activation=a, scaling=sc, seed=s, **kw))
@@ -509,7 +572,7 @@ def _scaling_configs(p: ScalingParams) -> list[RunConfig]:
 
 
 def _scaling_result(p: ScalingParams, runs: pd.DataFrame):
-    runs = runs.assign(net=runs.model.map({"depth": "Table 2 net (50 x 4)", "params": "Table 3 net"}))
+    runs = runs.assign(net=runs.model.map({"depth": f"Table 2 net ({p.depth} x 4)", "params": "Table 3 net"}))
     table = runs.groupby(["net", "activation", "scaling"])["best_val_acc"].median().unstack("scaling")
     table = table[[s for s in p.scalings if s in table.columns]]
     table.index = pd.MultiIndex.from_tuples([(n, display_name(a)) for n, a in table.index], names=["net", "activation"])
@@ -528,7 +591,11 @@ def _scaling_result(p: ScalingParams, runs: pd.DataFrame):
                 else:
                     claims.append(_claim(f"{net}, {display_name(a)}: plain activation on raw input (for contrast)",
                                          "plain units need standardised input (implied)", f"raw {raw:.3f} vs standardised {std:.3f}", None))
-    return table, _claims(claims), {}
+    comparison = pd.concat(
+        [_long(table.xs(net, level="net"), net, {sc: sc for sc in table.columns}) for net in table.index.get_level_values("net").unique()],
+        ignore_index=True,
+    )
+    return table, _claims(claims), {"comparison": comparison}
 
 
 # --------------------------------------------------------------------------- separation grids
@@ -707,6 +774,33 @@ EXPERIMENTS: dict[str, _Experiment] = {
 }
 
 
+_GRID_DATASETS = {"moons": "moons", "zero_init": "moons", "mnist": "mnist", "cifar": "cifar10"}
+
+
+def compare_methods(results: dict[str, ExperimentResult]) -> pd.DataFrame:
+    """One row per (data set, method) of grid results: depth reached, accuracy, dead points and units."""
+    rows = []
+    for label, res in results.items():
+        grid, t = res.extra["grid"], res.params.threshold
+        for m in res.params.methods:
+            g = grid[grid.method == m]
+            if not len(g):
+                continue
+            rows.append(
+                {
+                    "data": label,
+                    "method": METHOD_LABELS[m],
+                    f"deepest net reaching threshold": deepest_good(grid, m, t),
+                    "threshold": t,
+                    "mean best accuracy": g.best_val_acc.mean(),
+                    "cells at threshold": f"{int((g.groupby(['depth', 'width']).best_val_acc.median() >= t).sum())}/{g.groupby(['depth', 'width']).ngroups}",
+                    "mean dead-point fraction": g.dead_point_fraction.mean() if "dead_point_fraction" in g else np.nan,
+                    "mean dead-unit fraction": g.dead_unit_fraction.mean() if "dead_unit_fraction" in g else np.nan,
+                }
+            )
+    return pd.DataFrame(rows).set_index(["data", "method"])
+
+
 def _lookup(name: str) -> _Experiment:
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}")
@@ -716,6 +810,11 @@ def _lookup(name: str) -> _Experiment:
 def params(name: str, **values) -> Any:
     """The validated parameters of experiment ``name`` (unknown names and wrong types raise)."""
     cls = _lookup(name).params
+    dataset = _GRID_DATASETS.get(name)
+    if dataset is not None:
+        values.setdefault("dataset", dataset)
+        if values["dataset"] != dataset:
+            raise ConfigError(f"experiment {name!r} runs on {dataset}, not {values['dataset']!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:

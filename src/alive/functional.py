@@ -299,7 +299,7 @@ def aggregate(s: Tensor, aggregation: str, count: Tensor | float | None = None) 
     if aggregation == "mean":
         n = s[0].numel() if count is None else count
         return s.sum(dims) / n
-    return s.square().sum(dims).sqrt()
+    return torch.linalg.vector_norm(s, dim=dims)  # subgradient 0 at 0 (sqrt would give NaN)
 
 
 def stacked_separation_penalty(

@@ -35,7 +35,7 @@ class MissingResult(LookupError):
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
-    """``"2/8"`` or ``(2, 8)`` -> ``(2, 8)``; shard ``i`` of ``n`` takes every ``n``-th pending run."""
+    """``"2/8"`` or ``(2, 8)`` -> ``(2, 8)``; shard ``i`` of ``n`` takes every ``n``-th run."""
     if shard is None:
         return 0, 1
     if isinstance(shard, str):
@@ -54,7 +54,9 @@ class Store:
     """A folder of JSON records (default ``$ALIVE_RESULTS`` or ``./results``)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root if root is not None else os.environ.get("ALIVE_RESULTS", "results"))
+        if root is None:
+            root = os.environ.get("ALIVE_RESULTS") or _project_results()
+        self.root = Path(root)
 
     def path(self, experiment: str, key: str) -> Path:
         return self.root / experiment / f"{key}.json"
@@ -119,6 +121,18 @@ class Store:
                 with open(p) as f:
                     out.append(json.load(f))
         return out
+
+
+def _project_results() -> Path:
+    """``results/`` of the enclosing checkout (a folder with ``pyproject.toml``), else ``./results``.
+
+    So a notebook opened from ``notebooks/`` or ``book/`` finds the project's stored results.
+    """
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "results").is_dir():
+            return folder / "results"
+    return here / "results"
 
 
 def _stale(lock: Path) -> bool:
@@ -205,9 +219,9 @@ def sweep(
     """Records for every configuration, training only what is missing.
 
     A sweep killed half-way and restarted trains only the missing runs and never writes a
-    record twice. ``shard="i/n"`` trains only the pending runs with ``index % n == i`` (in a
-    stable order), so ``n`` machines or GPUs can share one sweep and one store; the returned
-    list then holds the records available so far. ``engine="auto"`` trains groups of small
+    record twice. ``shard="i/n"`` trains only the runs with ``index % n == i`` in the list of
+    all runs sorted by key, so ``n`` machines or GPUs (a SLURM array, one process per GPU) can
+    share one sweep and one store; the returned list then holds the records available so far. ``engine="auto"`` trains groups of small
     MLP/CNN grid cells together with :mod:`alive.grid` (same results, much faster);
     ``"single"`` trains one network at a time.
     """
@@ -217,17 +231,14 @@ def sweep(
     i, n = parse_shard(shard)
     configs = list(configs)
     precision = {id(c): _precision(c, device) for c in configs}
-    seen: set[tuple[str, str]] = set()
-    pending = []
+    unique: dict[tuple[str, str], RunConfig] = {}
     for c in configs:
-        k = (c.experiment, c.key(precision[id(c)]))
-        if k in seen:
-            continue
-        seen.add(k)
-        if store.get(c, precision[id(c)]) is None:
-            pending.append(c)
-    pending.sort(key=lambda c: c.key(precision[id(c)]))
-    mine = [c for j, c in enumerate(pending) if j % n == i]
+        unique.setdefault((c.experiment, c.key(precision[id(c)])), c)
+    # shards own a fixed slice of *all* runs (sorted by key), so shards started at different
+    # times, or restarted, never skip or duplicate a run
+    ordered = sorted(unique.items())
+    pending = {k for k, c in ordered if store.get(c, precision[id(c)]) is None}
+    mine = [c for j, (k, c) in enumerate(ordered) if j % n == i and k in pending]
     if mine and _no_train():
         raise MissingResult(
             f"{len(mine)} of {len(configs)} results are not stored (e.g. {mine[0].label} in {mine[0].experiment!r}) "

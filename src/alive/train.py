@@ -287,6 +287,7 @@ def fit(
             xb, yb = ds.x_train[idx], ds.y_train[idx]
             if cfg.augment:
                 xb = augment(xb, gen)
+            n_global = len(yb)
             if world > 1:
                 xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
             if use_cl:
@@ -294,10 +295,12 @@ def fit(
             with _autocast(dev, precision):
                 out = net(xb).float()
                 loss = F.cross_entropy(out, yb)
-                total = loss
+                # DDP averages gradients over processes: weight each shard by its size so the
+                # result is the global batch mean even when the batch does not split evenly
+                total = loss * (len(yb) * world / n_global) if world > 1 else loss
                 if constraint is not None:
                     pen = constraint.penalty().float()
-                    total = loss + pen
+                    total = total + pen
                     pen_sum += pen.detach().double() * len(yb)
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -308,6 +311,10 @@ def fit(
             seen += len(yb)
         if constraint is not None:
             constraint.clear()
+        if world > 1:  # report the global batch, not this process's shard
+            totals = torch.stack([loss_sum, pen_sum, correct.double(), torch.tensor(float(seen), device=dev, dtype=torch.float64)])
+            dist.all_reduce(totals)
+            loss_sum, pen_sum, correct, seen = totals[0], totals[1], totals[2], int(totals[3].item())
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
         penalty = pen_sum.item() / seen
         val_loss, val_acc = evaluate(model, ds.x_test, ds.y_test, eval_batch_size, precision, use_cl)

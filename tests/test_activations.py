@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import alive
+from alive import functional as AF
+from alive.activations import (
+    Linked,
+    LinkedPReLU,
+    LinkedReLU,
+    available_activations,
+    channel_factor,
+    check_linkage,
+    display_name,
+    is_activation,
+    linkage_table,
+    make_activation,
+    parse_activation,
+    widen,
+)
+
+
+def test_mirror_relu_values_and_layout():
+    z = torch.tensor([[-2.0, 3.0, 0.0]])
+    out = Linked("relu")(z)
+    assert out.tolist() == [[0.0, 3.0, 0.0, 2.0, 0.0, 0.0]]  # all relu(z) channels first
+
+
+def test_minmax_relu_is_max_and_min():
+    z = torch.tensor([[-2.0, 3.0]])
+    out = Linked("relu", policy="minmax")(z)
+    assert out.tolist() == [[0.0, 3.0, -2.0, 0.0]]
+
+
+def test_fast_linked_relu_matches_naive_cat_in_value_and_gradient():
+    z = torch.randn(5, 7, 4, 4, dtype=torch.float64, requires_grad=True)
+    z2 = z.detach().clone().requires_grad_(True)
+    g = torch.randn(5, 14, 4, 4, dtype=torch.float64)
+    fast = AF.linked_relu(z, 1)
+    naive = torch.cat((torch.relu(z2), torch.relu(-z2)), 1)
+    assert torch.equal(fast, naive)
+    fast.backward(g)
+    naive.backward(g)
+    assert torch.equal(z.grad, z2.grad)
+    assert torch.autograd.gradcheck(lambda t: AF.linked_relu(t, 1), (z.detach().requires_grad_(True),))
+
+
+def test_linked_dim_and_shape():
+    x = torch.randn(2, 5, 3)
+    assert Linked("selu", dim=-1)(x).shape == (2, 5, 6)
+    assert Linked("selu", dim=1)(x).shape == (2, 10, 3)
+
+
+def test_custom_three_way_linkage():
+    act = Linked([torch.relu, lambda z: torch.relu(-z), torch.tanh])
+    assert act.num_members == 3 and act.policy == "custom"
+    assert act(torch.zeros(2, 4)).shape == (2, 12)
+
+
+def test_linkage_needs_two_members():
+    with pytest.raises(ValueError, match="at least 2 members"):
+        Linked([torch.relu])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        AF.linked(torch.zeros(1, 1), [torch.relu])
+
+
+def test_unknown_names_and_policy_fail_early_with_choices():
+    with pytest.raises(ValueError, match="valid names are .*relu"):
+        make_activation("relux")
+    with pytest.raises(ValueError, match="unknown linkage policy"):
+        Linked("relu", policy="diagonal")
+    with pytest.raises(TypeError):
+        parse_activation(3)
+    with pytest.raises(ValueError):
+        Linked("lk-relu")
+
+
+def test_linked_prelu_has_independent_parameters_and_init():
+    act = LinkedPReLU(num_parameters=3, init=0.0)
+    params = list(act.parameters())
+    assert len(params) == 2 and all(p.shape == (3,) and torch.all(p == 0) for p in params)
+    assert params[0] is not params[1]
+    assert torch.all(make_activation("prelu").weight == 0.25)  # PyTorch default
+    assert torch.all(make_activation("lk-prelu", init=0.0).members[0].weight == 0.0)
+
+
+def test_registry_names_aliases_and_factor():
+    names = available_activations()
+    for base in ["relu", "leaky_relu", "prelu", "selu", "swish", "elu", "gelu", "tanh", "sigmoid", "softplus"]:
+        assert base in names and "lk-" + base in names
+    assert parse_activation("SiLU") == ("swish", False)
+    assert parse_activation("lk-selu") == ("selu", True)
+    assert channel_factor("lk-relu") == 2 and channel_factor("relu") == 1
+    assert display_name("lk-prelu") == "LK-PReLU"
+    assert is_activation(nn.ReLU()) and is_activation(Linked("relu")) and not is_activation(nn.Identity())
+
+
+def test_aliases_and_repr():
+    act = LinkedReLU()
+    assert "base=relu" in repr(act) and "policy=mirror" in repr(act) and "members=2" in repr(act)
+    assert isinstance(alive.LinkedSwish()(torch.randn(2, 3)), torch.Tensor)
+
+
+def test_check_linkage_cases():
+    assert check_linkage("lk-relu").ok
+    bad = check_linkage(["relu", "relu"])
+    assert not bad.ok
+    assert bad.failures.max() < 0 and bad.failures.min() == pytest.approx(-10.0)
+    assert 0.45 < bad.flat_fraction < 0.55
+    assert check_linkage("lk-sigmoid").ok
+    assert not check_linkage("relu").ok
+    assert check_linkage(Linked("selu", "mirror")).ok
+    assert check_linkage(Linked("relu", "minmax")).ok
+
+
+def test_linkage_table_has_every_activation():
+    t = linkage_table()
+    assert set(available_activations()) == set(t.index)
+    assert t.loc["lk-relu", "linked"] and not t.loc["relu", "linked"]
+
+
+@pytest.mark.parametrize("width,expected", [(4, 5), (32, 45), (64, 90), (512, 724), (50, 70)])
+def test_widen_is_int_of_sqrt2(width, expected):
+    assert widen(width) == expected == int(width * math.sqrt(2))
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_widen_rejects_non_positive(bad):
+    with pytest.raises(ValueError, match="positive"):
+        widen(bad)
+
+
+def test_widen_rejects_non_int():
+    with pytest.raises(TypeError):
+        widen(4.0)

@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+
+from alive.cli import load_profile, main
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ([], ["train"], ["sweep"], ["results"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd + ["--help"])
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--activation" in out and "--shard" in out and "--experiment" in out
+
+
+def test_unknown_names_are_rejected_before_training(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--activation", "relux", "--depth", "2", "--width", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown activation 'relux'" in err and "lk-relu" in err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--experiment", "nope", "--profile", "smoke"])
+    assert "valid experiments" in capsys.readouterr().err
+
+
+def test_train_stores_a_result_and_results_lists_it(tmp_path, capsys):
+    store = str(tmp_path)
+    assert main(["train", "--depth", "2", "--width", "3", "--epochs", "3", "--batch-size", "none", "--lr", "0.01",
+                 "--experiment", "cli", "--store", store, "--device", "cpu"]) == 0
+    assert "best val acc" in capsys.readouterr().out
+    assert main(["results", "--experiment", "cli", "--store", store, "--format", "csv"]) == 0
+    assert "best_val_acc" in capsys.readouterr().out
+
+
+def test_sweep_dry_run_and_profiles(tmp_path, capsys):
+    assert main(["sweep", "--experiment", "moons", "--profile", "smoke", "--dry-run", "--store", str(tmp_path)]) == 0
+    assert "30 runs, 0 stored" in capsys.readouterr().out
+    assert load_profile("depth", "book")["profile"] == "book"
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "alive", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "train" in out and "sweep" in out

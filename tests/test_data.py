@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+
+from alive.data import DataError, augment, batches, cifar10, load, mnist, moons
+
+
+def test_moons_protocol():
+    d = moons()
+    assert d.x_train.shape == (85, 2) and d.x_test.shape == (15, 2)
+    allx = torch.cat([d.x_train, d.x_test])
+    assert torch.allclose(allx.max(0).values - allx.min(0).values, torch.ones(2))
+    assert set(d.y_train.tolist()) == {0, 1}
+    assert torch.equal(moons().x_train, d.x_train)  # random_state 42: deterministic
+    assert moons(noise=0.1).x_train.shape == (85, 2)
+
+
+def test_mnist_npz_complete(data_dir):
+    d = mnist(scaling="raw")
+    assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
+    assert d.full and "mnist.npz" in d.source and d.x_train.max() == 255
+    u = mnist(scaling="unit", n_train=100, n_test=10)
+    assert u.x_train.shape[0] == 100 and u.x_train.max() <= 1.0 and "100 train / 10 test" in u.source
+
+
+def test_cifar_subset_and_require_full(data_dir):
+    d = cifar10(scaling="standardize")
+    assert d.x_train.shape == (5085, 3, 32, 32) and d.x_test.shape == (1017, 3, 32, 32)
+    assert not d.full and "subset" in d.source
+    mean = d.x_train.mean((0, 2, 3))
+    assert torch.allclose(mean, torch.zeros(3), atol=1e-4)
+    with pytest.raises(DataError, match="full cifar10"):
+        cifar10(require_full=True)
+
+
+def test_missing_and_damaged_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIVE_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="no npz file"):
+        mnist(source="npz")
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((5, 28, 28), np.float32), y_train=np.zeros(5, np.int64),
+             x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="damaged: x_train"):
+        mnist()
+    (tmp_path / "mnist.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot be read"):
+        mnist()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="scaling"):
+        mnist(scaling="minmax")
+    with pytest.raises(ValueError, match="n_train"):
+        mnist(n_train=-5)
+    with pytest.raises(ValueError, match="unknown data set"):
+        load("imagenet")
+
+
+def test_batches_cover_every_index_once():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat(list(batches(10, 3, g)))
+    assert sorted(idx.tolist()) == list(range(10))
+    assert [len(b) for b in batches(10, 3, g)] == [3, 3, 3, 1]
+    assert len(list(batches(10, None, g))) == 1
+
+
+def test_augment_flips_and_shifts_exactly():
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
+    g = torch.Generator().manual_seed(3)
+    flipped = augment(x, g, flip=True, shift=0.0)
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+    shifted = augment(x, torch.Generator().manual_seed(1), flip=False, shift=0.5)  # up to 2 rows / 2 (3) cols
+    for i in range(2):
+        img, out = x[i, 0], shifted[i, 0]
+        found = False
+        for dy in range(-2, 3):
+            for dx in range(-3, 4):
+                rows = (torch.arange(4) - dy).clamp(0, 3)
+                cols = (torch.arange(5) - dx).clamp(0, 4)
+                if torch.equal(out, img[rows][:, cols]):
+                    found = True
+        assert found  # a whole-pixel shift with the nearest edge repeated

@@ -1,0 +1,73 @@
+import pytest
+import torch
+from torch import nn
+
+from alive import Linked, dead_neurons, liveness
+from alive.diagnostics import dead_unit_gradients
+
+
+def _net(bias, act=None):
+    """2 inputs -> 3 hidden units with chosen biases and unit weights on input 0 -> 1 output."""
+    lin = nn.Linear(2, 3)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[:, 0] = 1.0
+        lin.bias.copy_(torch.tensor(bias))
+    act = act or nn.ReLU()
+    fan = 6 if isinstance(act, Linked) else 3
+    return nn.Sequential(lin, act, nn.Linear(fan, 1))
+
+
+def test_dead_affine_units_and_dead_points_by_hand():
+    x = torch.tensor([[-3.0, 0.0], [-1.0, 0.0], [2.0, 0.0]])
+    net = _net([-10.0, 10.0, 0.0])  # unit 0 always <= 0 (dead), unit 1 always > 0 (affine), unit 2 separates
+    rep = liveness(net, x)
+    row = rep.layers.iloc[0]
+    assert (row.units, row.dead_units, row.affine_units, row.dead_points) == (3, 1, 1, 0)
+    net2 = _net([-10.0, -10.0, 0.0])  # point x0 = -3 and x1 = -1: every unit <= 0 -> dead points
+    rep2 = liveness(net2, (x, torch.zeros(3)))
+    assert rep2.dead_points == 2 and rep2.summary["dead_point_fraction"] == pytest.approx(2 / 3)
+    assert "2 dead" in repr(rep2)
+
+
+def test_liveness_streams_in_batches_and_restores_mode():
+    x = torch.randn(50, 2)
+    net = _net([-10.0, 10.0, 0.0])
+    net.train()
+    a = liveness(net, x, batch_size=7)
+    b = liveness(net, x, batch_size=1000)
+    assert a.summary == b.summary and net.training
+
+
+def test_dead_neurons_counts_linked_units_not_members():
+    x = torch.tensor([[-3.0, 0.0], [-1.0, 0.0], [2.0, 0.0]])
+    plain = dead_neurons(_net([-10.0, 10.0, 0.0]), x)
+    assert plain.loc[0, "dead"] == 1 and plain.loc[0, "neurons"] == 3
+    linked = dead_neurons(_net([-10.0, 10.0, 0.0], Linked("relu")), x)
+    row = linked.iloc[0]
+    # unit 0: relu(z) is always 0 but relu(-z) is not -> one dead member, no dead linked unit
+    assert (row.neurons, row.dead, row.dead_members) == (3, 0, 2)
+
+
+def test_flat_linked_units_are_reported():
+    net = _net([0.0, 0.0, 1.0], Linked("relu"))
+    with torch.no_grad():
+        net[0].weight.zero_()  # units 0 and 1: z == 0 everywhere -> every member flat
+    rep = liveness(net, torch.randn(8, 2))
+    assert rep.linked.flat_units.tolist() == [2]
+    assert rep.summary["flat_linked_units"] == 2
+
+
+def test_bad_data_and_models():
+    with pytest.raises(TypeError, match="data must be"):
+        liveness(_net([0.0, 0.0, 0.0]), "not data")
+    with pytest.raises(ValueError, match="no activation"):
+        dead_neurons(nn.Sequential(nn.Linear(2, 2)), torch.randn(2, 2))
+    with pytest.raises(ValueError, match="batch_size"):
+        liveness(_net([0.0, 0.0, 0.0]), torch.randn(2, 2), batch_size=0)
+
+
+def test_dead_unit_gradient_demo():
+    t = dead_unit_gradients(bias=-100.0)
+    assert t.loc["ReLU", "|dL/dw|"] == 0.0
+    assert t.loc["LK-ReLU", "|dL/dw|"] > 0 and t.loc["ReLU + Sep-U", "|dL/dw|"] > 0

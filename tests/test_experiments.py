@@ -1,0 +1,67 @@
+import pandas as pd
+import pytest
+
+import alive.experiments as E
+from alive.config import ConfigError
+
+
+def test_parameter_types_and_names_are_checked_early():
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        E.params("depth", epochs="4")
+    with pytest.raises(ConfigError, match="seeds must be a list of int"):
+        E.params("depth", seeds=0)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        E.params("depth", epoch=4)
+    with pytest.raises(ConfigError, match="valid names"):
+        E.params("width", activations=["relu", "lk-relux"])
+    with pytest.raises(ConfigError, match="unknown method"):
+        E.params("moons", methods=["relu", "dropout"])
+    with pytest.raises(ConfigError, match="runs on mnist"):
+        E.params("mnist", dataset="moons")
+
+
+@pytest.mark.parametrize(
+    "name,kw,count",
+    [
+        ("width", dict(seeds=[0, 1]), 2 * 8 * 2),
+        ("depth", dict(seeds=[0, 1, 2]), 13 * 3),
+        ("params", dict(), 12),
+        ("allcnn", dict(), 8),
+        ("resnet", dict(), 11),
+        ("scaling", dict(), 2 * 4 * 3),
+        ("moons", dict(widths=[1, 2], depths=[1, 10, 20]), 5 * 2 * 3),
+        ("zero_init", dict(methods=["sep-up-zero"]), 6),
+    ],
+)
+def test_run_counts(name, kw, count):
+    assert len(E.configs(name, **kw)) == count
+
+
+def test_paper_configurations_follow_the_papers():
+    d = E.configs("depth", profile="paper", epochs=200, n_train=None, n_test=None, require_full=True)
+    assert {c.optimizer for c in d} == {"adam"} and {c.lr for c in d} == {1e-3} and {c.batch_size for c in d} == {32}
+    assert {(c.activation, c.widen) for c in d if c.widen} == {("relu", True), ("prelu", True), ("selu", True), ("swish", True)}
+    assert [c for c in d if c.batchnorm][0].activation == "relu"
+    z = E.configs("zero_init", methods=["sep-up-zero"])
+    assert all(c.init == "zero" and c.rho == 0.51 and c.annealed_dropout == 0.9 for c in z)
+    r = E.configs("resnet")
+    assert sum(not c.batchnorm for c in r) == 3 and all(c.augment and c.batch_size == 32 for c in r)
+
+
+def test_smoke_runs_end_to_end_with_tables_and_claims():
+    res = E.run("moons", widths=[1, 3], depths=[1, 3], epochs=20, progress="quiet")
+    assert set(res.extra["grid"].method) == {"relu", "relu+bn", "sep-u", "sep-p", "sep-up"}
+    assert list(res.claims.columns) == ["claim", "paper", "ours", "verdict"]
+    assert set(res.claims.verdict) <= {"supported", "not supported", "n/a"}
+    assert "profile: smoke" in res.describe()
+    assert isinstance(res.table, pd.DataFrame) and res.table.shape[1] == 2
+    cmp = E.compare_methods({"MOONS": res})
+    assert len(cmp) == 5
+
+
+def test_grid_helpers():
+    grid = pd.DataFrame({"method": "relu", "depth": [1, 1, 10, 10], "width": [1, 2, 1, 2], "seed": 0,
+                         "best_val_acc": [0.9, 1.0, 0.5, 0.97]})
+    assert E.deepest_good(grid, "relu", 0.95) == 10
+    assert E.deepest_good(grid, "relu", 0.95, width=1) is None
+    assert E.narrowest_good(grid, "relu", 0.95, depth=1) == 2

@@ -1,0 +1,57 @@
+"""The project's own consistency: dependencies, notebooks, profiles, book."""
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+import alive.experiments as E
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _names(reqs):
+    return {re.split(r"[<>=!~ ]", r, 1)[0].strip().lower(): r.replace(" ", "") for r in reqs}
+
+
+def test_pyproject_and_environment_yml_agree():
+    import tomllib
+
+    pj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(pj["dependencies"]) + [r for extra in pj["optional-dependencies"].values() for r in extra]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert _names(reqs) == _names(pip)
+    assert "torch==2.14.1" in reqs and "torchvision==0.29.1" in reqs
+
+
+def test_notebook_sources_are_clean_and_parameterised():
+    assert len(NOTEBOOKS) >= 12
+    for name in NOTEBOOKS:
+        nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), name
+        assert "parameters" in code[0]["metadata"].get("tags", []), name
+        assert 'profile = "smoke"' in "".join(code[0]["source"]), name
+
+
+def test_every_notebook_has_valid_book_and_paper_profiles():
+    for name in NOTEBOOKS:
+        for profile in ("book", "paper"):
+            path = ROOT / "profiles" / profile / f"{name}.yml"
+            assert path.exists(), path
+            values = yaml.safe_load(path.read_text()) or {}
+            assert values.get("profile") == profile, path
+            if name in E.EXPERIMENTS:
+                E.params(name, **values)  # types and names are valid
+
+
+def test_book_lists_every_notebook_and_the_makefile_runs_them():
+    toc = (ROOT / "book" / "_toc.yml").read_text()
+    make = (ROOT / "Makefile").read_text()
+    listed = re.search(r"^NOTEBOOKS := (.*)$", make, re.M).group(1).split()
+    assert sorted(listed) == NOTEBOOKS
+    for name in NOTEBOOKS:
+        assert f"book/{name}" in toc
+    assert (ROOT / "_config.yml").exists() and "make test" in (ROOT / ".ci" / "run").read_text()

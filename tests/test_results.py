@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+import alive.train
+from alive.config import RunConfig
+from alive.results import MissingResult, Store, load, parse_shard, run, sweep
+
+CFG = RunConfig(experiment="t", depth=2, width=3, epochs=3, batch_size=None, lr=0.01)
+
+
+def test_run_stores_once_and_then_reads(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    rec = run(CFG, store, device="cpu", progress="quiet")
+    files = list((tmp_path / "t").iterdir())
+    assert [f.name for f in files] == [f"{rec['key']}.json"]
+    assert json.loads(files[0].read_text())["metrics"] == rec["metrics"]
+    monkeypatch.setattr(alive.train, "fit", lambda *a, **k: pytest.fail("trained twice"))
+    assert run(CFG, store, device="cpu") == json.loads(files[0].read_text())
+
+
+def test_no_train_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIVE_NO_TRAIN", "1")
+    with pytest.raises(MissingResult, match="ALIVE_NO_TRAIN"):
+        run(CFG, Store(tmp_path), device="cpu")
+    with pytest.raises(MissingResult):
+        sweep([CFG], Store(tmp_path), device="cpu")
+
+
+def test_sweep_killed_half_way_resumes_without_duplicates(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    cfgs = [CFG.replace(seed=s, batchnorm=bool(s % 2)) for s in range(4)]
+    real_fit, calls = alive.train.fit, []
+
+    def flaky(cfg, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(cfg.seed)
+        return real_fit(cfg, **kw)
+
+    monkeypatch.setattr(alive.train, "fit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(cfgs, store, device="cpu", engine="single", progress="quiet")
+    assert len(list((tmp_path / "t").glob("*.json"))) == 2
+    monkeypatch.setattr(alive.train, "fit", real_fit)
+    recs = sweep(cfgs + cfgs[:1], store, device="cpu", engine="single", progress="quiet")
+    assert len(recs) == 5 and len({r["key"] for r in recs}) == 4
+    assert len(list((tmp_path / "t").glob("*.json"))) == 4
+    assert not list((tmp_path / "t").glob("*.lock")) and not list((tmp_path / "t").glob("*.tmp"))
+
+
+def test_shards_partition_the_pending_runs(tmp_path):
+    cfgs = [CFG.replace(seed=s, epochs=1) for s in range(5)]
+    seen = []
+    for i in range(3):
+        before = {p.name for p in (tmp_path / "t").glob("*.json")} if (tmp_path / "t").exists() else set()
+        sweep(cfgs, Store(tmp_path), device="cpu", shard=f"{i}/3", engine="single", progress="quiet")
+        after = {p.name for p in (tmp_path / "t").glob("*.json")}
+        seen.append(after - before)
+    assert sum(len(s) for s in seen) == 5 and all(len(s) >= 1 for s in seen)
+    with pytest.raises(ValueError, match="i/n"):
+        parse_shard("3/3")
+
+
+def test_grid_engine_is_used_for_grid_cells_and_load_makes_a_frame(tmp_path):
+    cfgs = [CFG.replace(depth=d, width=w) for d in (1, 3) for w in (1, 4)]
+    recs = sweep(cfgs, Store(tmp_path), device="cpu", progress="quiet")
+    assert all(r["timing"].get("batched_with") for r in recs)
+    df = load("t", Store(tmp_path))
+    assert len(df) == 4 and {"depth", "width", "best_val_acc", "dead_point_fraction", "status"} <= set(df.columns)
+
+
+def test_lock_blocks_a_second_trainer(tmp_path):
+    store = Store(tmp_path)
+    with store.lock("t", "abc") as first:
+        with store.lock("t", "abc") as second:
+            assert first and not second
+    assert not (tmp_path / "t" / "abc.lock").exists()

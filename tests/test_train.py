@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from alive.config import RunConfig
+from alive.train import TrainingInterrupted, fit, lr_factor, make_optimizer
+
+MOONS = RunConfig(depth=3, width=6, epochs=30, batch_size=None, lr=0.01, seed=3)
+
+
+def test_training_reduces_the_loss_on_moons():
+    rec = fit(MOONS, progress="quiet")
+    h = rec["history"]
+    assert h["train_loss"][-1] < 0.7 * h["train_loss"][0]
+    assert rec["status"] == "ok" and rec["metrics"]["epochs_run"] == 30
+    assert rec["metrics"]["best_val_acc"] == max(h["val_acc"])
+    assert rec["diagnostics"]["liveness"]["units"] == 18
+
+
+def test_constraint_penalty_is_recorded_and_decreases():
+    rec = fit(MOONS.replace(constraint="up", weight=0.1), progress="quiet")
+    pen = rec["history"]["penalty"]
+    assert pen[0] > 0 and pen[-1] < pen[0]
+
+
+def test_deterministic_on_cpu():
+    a, b = fit(MOONS, progress="quiet"), fit(MOONS, progress="quiet")
+    assert a["history"]["train_loss"] == b["history"]["train_loss"]
+    assert a["key"] == b["key"]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    cfg = RunConfig(depth=2, width=4, epochs=6, batch_size=16, lr=0.01, seed=1, annealed_dropout=0.5, anneal_epochs=4)
+    full = fit(cfg, progress="quiet")
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(TrainingInterrupted):
+        fit(cfg, progress="quiet", checkpoint=ck, checkpoint_every=2, stop_after=4)
+    assert ck.exists()
+    resumed = fit(cfg, progress="quiet", checkpoint=ck, checkpoint_every=2)
+    for k in ("train_loss", "val_loss", "val_acc", "penalty"):
+        assert resumed["history"][k] == full["history"][k]
+    assert resumed["diagnostics"] == full["diagnostics"]
+    assert not ck.exists()
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    cfg = RunConfig(depth=2, width=4, epochs=4, batch_size=None, lr=0.01)
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(TrainingInterrupted):
+        fit(cfg, progress="quiet", checkpoint=ck, checkpoint_every=1, stop_after=1)
+    with pytest.raises(RuntimeError, match="another configuration"):
+        fit(cfg.replace(seed=5), progress="quiet", checkpoint=ck)
+
+
+def test_divergence_is_recorded_with_its_epoch():
+    cfg = RunConfig(depth=2, width=4, epochs=20, batch_size=None, lr=1e6, optimizer="sgd", seed=0)
+    rec = fit(cfg, progress="quiet")
+    assert rec["status"] == "diverged"
+    assert rec["diverged_epoch"] == rec["metrics"]["epochs_run"] <= 20
+    assert any(v is None for v in rec["history"]["train_loss"] + rec["history"]["val_loss"])
+
+
+def test_keras_time_decay_and_allcnn_schedule():
+    f = lr_factor(RunConfig(depth=1, width=1, decay=1e-3), steps_per_epoch=10)
+    assert f(0) == 1.0 and f(1000) == pytest.approx(0.5)
+    g = lr_factor(RunConfig(dataset="cifar10", model="allcnn", schedule="allcnn", epochs=3000), steps_per_epoch=1)
+    assert [g(e) for e in (0, 499, 500, 1999, 2000, 2349, 2350, 2749, 2750, 2999)] == [1, 1, 0.75, 0.75, 0.5, 0.5, 0.1, 0.1, 0.05, 0.05]
+    h = lr_factor(RunConfig(dataset="cifar10", model="allcnn", schedule="allcnn", epochs=30), steps_per_epoch=1)
+    assert h(5) == 0.75 and h(29) == 0.05  # boundaries scale with the run length
+
+
+def test_optimisers_use_keras_defaults():
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    adam = make_optimizer(RunConfig(depth=1, width=1), p)
+    assert adam.defaults["eps"] == 1e-7
+    rms = make_optimizer(RunConfig(depth=1, width=1, optimizer="rmsprop"), p)
+    assert rms.defaults["alpha"] == 0.9
+    nes = make_optimizer(RunConfig(depth=1, width=1, optimizer="nesterov"), p)
+    assert nes.defaults["nesterov"] and nes.defaults["momentum"] == 0.9
+
+
+def test_conv_training_step_on_cifar(data_dir):
+    cfg = RunConfig(dataset="cifar10", model="depth", depth=3, n_train=64, n_test=32, epochs=2, batch_size=16,
+                    augment=True, activation="lk-relu", constraint="up", weight=1e-3)
+    rec = fit(cfg, progress="quiet")
+    assert rec["status"] == "ok" and len(rec["diagnostics"]["dead_neurons"]) == 4
+    assert "cifar10_subset.npz" in rec["data_source"]
