@@ -149,15 +149,21 @@ class SeparationConstraint:
         """The pre-activations captured during the last forward pass, in call order."""
         return list(self._captured)
 
-    def layer_terms(self) -> list[tuple[Tensor | None, Tensor | None]]:
-        """``(g_U, g_P)`` of each constrained layer (unweighted) for the last forward pass."""
+    def _stacked_terms(self) -> list[tuple[list[int], Tensor | None, Tensor | None]]:
+        """Layers of the same shape are stacked and done in one pass (a deep thin net costs a
+        handful of operations instead of a handful per layer): ``(layer indices, g_U, g_P)``."""
         if not self._captured:
             raise RuntimeError("no forward pass has been recorded since the constraint was attached")
         sync = _distributed()
+        groups: dict[tuple, list[int]] = {}
+        for i, z in enumerate(self._captured):
+            groups.setdefault((tuple(z.shape), z.dtype, z.device), []).append(i)
         out = []
-        for z in self._captured:
+        for idx in groups.values():
+            zs = [self._captured[i] for i in idx]
+            stacked = zs[0].unsqueeze(0) if len(zs) == 1 else torch.stack(zs)
             g_u, g_p = stacked_separation_penalty(
-                z.unsqueeze(0),
+                stacked,
                 self.kind,
                 self.rho,
                 self.margin,
@@ -166,16 +172,24 @@ class SeparationConstraint:
                 reduce_extremes=_global_extremes if sync else None,
                 gather_points=_global_points if sync else None,
             )
-            out.append((None if g_u is None else g_u[0], None if g_p is None else g_p[0]))
+            out.append((idx, g_u, g_p))
         return out
+
+    def layer_terms(self) -> list[tuple[Tensor | None, Tensor | None]]:
+        """``(g_U, g_P)`` of each constrained layer (unweighted) for the last forward pass."""
+        terms: dict[int, tuple] = {}
+        for idx, g_u, g_p in self._stacked_terms():
+            for k, i in enumerate(idx):
+                terms[i] = (None if g_u is None else g_u[k], None if g_p is None else g_p[k])
+        return [terms[i] for i in range(len(terms))]
 
     def penalty(self) -> Tensor:
         """λ · (g_U + g_P) for the last forward pass (differentiable; works under ``no_grad`` too)."""
         total = None
-        for g_u, g_p in self.layer_terms():
+        for _, g_u, g_p in self._stacked_terms():
             for g in (g_u, g_p):
                 if g is not None:
-                    total = g if total is None else total + g
+                    total = g.sum() if total is None else total + g.sum()
         return self.weight * total
 
     def clear(self) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "METHODS",
     "METHOD_LABELS",
     "compare_methods",
+    "stored",
     "deepest_good",
     "narrowest_good",
 ]
@@ -51,6 +52,8 @@ class Common:
     n_test: int | None = 256
     require_full: bool = False
     device: str | None = None
+    precision: str = "auto"
+    long: dict | None = None  # parameters of longer, stored runs the notebook shows (it never trains them)
 
     def __post_init__(self):
         check_fields(self)
@@ -210,6 +213,7 @@ def _base_config(p: Common, **kw) -> RunConfig:
         epochs=p.epochs,
         batch_size=p.batch_size,
         require_full=p.require_full,
+        precision=p.precision,
     )
     d.update(kw)
     return RunConfig(**d)
@@ -630,7 +634,8 @@ def _grid_configs(p: GridParams, experiment: str) -> list[RunConfig]:
             for w in p.widths:
                 for s in p.seeds:
                     kw = dict(experiment=experiment, dataset=p.dataset, model=model, depth=d, width=w, optimizer="adam",
-                              lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, seed=s, **_method_kwargs(m, p))
+                              lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, seed=s, precision=p.precision,
+                              **_method_kwargs(m, p))
                     if p.dataset != "moons":
                         kw.update(n_train=p.n_train, n_test=p.n_test, require_full=p.require_full)
                     out.append(RunConfig(**kw))
@@ -827,12 +832,29 @@ def configs(name: str, **values) -> list[RunConfig]:
     return _lookup(name).configs(params(name, **values))
 
 
-def run(name: str, store: Store | None = None, progress: str = "auto", **values) -> ExperimentResult:
-    """Run (or load) experiment ``name`` and return its tables, claims and records."""
+def stored(name: str, store: Store | None = None, **values) -> ExperimentResult | None:
+    """Experiment ``name`` from stored records only (never trains); None unless all are stored.
+
+    For results that are too long to train on a CPU but were computed elsewhere (a GPU) and
+    committed, such as the depth chapter's longer runs.
+    """
+    from .results import MissingResult
+
+    try:
+        return run(name, store=store, train=False, **values)
+    except MissingResult:
+        return None
+
+
+def run(name: str, store: Store | None = None, progress: str = "auto", train: bool = True, **values) -> ExperimentResult:
+    """Run (or load) experiment ``name`` and return its tables, claims and records.
+
+    ``train=False`` only reads stored records (:class:`~alive.results.MissingResult` if one is missing).
+    """
     exp = _lookup(name)
     p = params(name, **values)
     cfgs = exp.configs(p)
-    records = sweep(cfgs, store=store, device=p.device, progress=progress)
+    records = sweep(cfgs, store=store, device=p.device, progress=progress, train=train)
     runs = to_frame(records)
     out = exp.result(p, runs, records) if exp.wants_records else exp.result(p, runs)
     table, claims, extra = out

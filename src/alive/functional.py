@@ -41,33 +41,45 @@ KINDS = ("u", "p", "up")
 
 # --------------------------------------------------------------------------- linked
 class _LinkedReLU(torch.autograd.Function):
-    """``cat(relu(z), relu(-z))`` in one pass that saves a 1-byte sign mask, not ``z``.
+    """``cat(relu(z), relu(-z))`` written straight into its output, one pass per half.
 
-    Backward: ``dz = g_pos * [z > 0] - g_neg * [z < 0]``; at ``z == 0`` both members have
-    PyTorch's ReLU derivative 0, exactly as the naive composition.
+    Backward reads only the output (which the next layer keeps for its own backward anyway,
+    so linking costs no extra activation memory): ``dz = g_pos·[out_pos > 0] - g_neg·[out_neg > 0]``.
+    At ``z == 0`` both members have PyTorch's ReLU derivative 0, exactly as the naive composition.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, dim: int) -> Tensor:
-        pos = z > 0
-        neg = z < 0
-        out = torch.cat((z * pos, -z * neg), dim)
-        ctx.save_for_backward(pos, neg)
+        dim = dim % z.dim()
+        c = z.shape[dim]
+        shape = list(z.shape)
+        shape[dim] = 2 * c
+        out = torch.empty(shape, dtype=z.dtype, device=z.device, memory_format=_memory_format(z))
+        torch.clamp_min(z, 0, out=out.narrow(dim, 0, c))
+        torch.clamp_max(z, 0, out=out.narrow(dim, c, c)).neg_()
+        ctx.save_for_backward(out)
         ctx.dim = dim
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        pos, neg = ctx.saved_tensors
-        g_pos, g_neg = grad.chunk(2, ctx.dim)
-        return g_pos * pos - g_neg * neg, None
+        (out,) = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad, out, 0)
+        g_pos, g_neg = g.chunk(2, ctx.dim)
+        return g_pos - g_neg, None
+
+
+def _memory_format(z: Tensor):
+    if z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def linked_relu(z: Tensor, dim: int = 1) -> Tensor:
     r"""Mirror-linked ReLU, :math:`f(z) = (\max(z, 0), \max(-z, 0))`, concatenated along ``dim``.
 
-    Equal to ``torch.cat((relu(z), relu(-z)), dim)`` (CReLU) in value and gradient, but saves
-    only two boolean masks for backward.
+    Equal to ``torch.cat((relu(z), relu(-z)), dim)`` (CReLU) in value and gradient, about
+    twice as fast on a CPU, and it keeps no tensor the next layer does not keep already.
     """
     return _LinkedReLU.apply(z, dim)
 
@@ -192,7 +204,8 @@ def separation_extremes(
 
     ``ties="split"`` shares the gradient equally among tied extremes (``amax``/``amin``, like
     TensorFlow's ``reduce_max`` that the authors used; this matters for zero initialisation,
-    where every pre-activation ties). ``"first"`` gives it to one of them: identical whenever
+    where every pre-activation ties). With ``"channel"`` reduction the positions are reduced
+    first, so ties are shared among points, then among each point's tied positions. ``"first"`` gives it to one of them: identical whenever
     extremes are unique, and about twice as fast on a CPU (dense layers only; conv layers
     with ``"channel"`` reduction always split).
     """
@@ -211,15 +224,20 @@ def separation_extremes(
         return u, p
     u = p = None
     sp = _spatial(z, conv_reduction)
+    if sp:
+        # reduce the positions once, then points or units on the small (nets, points, units)
+        # tensors: two passes over the feature maps instead of four (ties split level by level)
+        zhi, zlo = z.amax(sp), z.amin(sp)
+    else:
+        zhi = zlo = z
     if want_u:
-        dims = (1,) + sp
-        u = (z.amax(dims), z.amin(dims))
+        u = (zhi.amax(1), zlo.amin(1))
     if want_p:
-        dims = (2,) + sp
         if mask is None:
-            p = (z.amax(dims), z.amin(dims))
+            p = (zhi.amax(2), zlo.amin(2))
         else:
-            p = (z.masked_fill(~mask, -_BIG).amax(dims), z.masked_fill(~mask, _BIG).amin(dims))
+            m = mask.reshape(mask.shape[:3]) if sp else mask
+            p = (zhi.masked_fill(~m, -_BIG).amax(2), zlo.masked_fill(~m, _BIG).amin(2))
     return u, p
 
 

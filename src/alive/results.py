@@ -214,6 +214,7 @@ def sweep(
     shard=None,
     engine: str = "auto",
     progress: str = "auto",
+    train: bool = True,
     **fit_kwargs,
 ) -> list[dict]:
     """Records for every configuration, training only what is missing.
@@ -239,10 +240,10 @@ def sweep(
     ordered = sorted(unique.items())
     pending = {k for k, c in ordered if store.get(c, precision[id(c)]) is None}
     mine = [c for j, (k, c) in enumerate(ordered) if j % n == i and k in pending]
-    if mine and _no_train():
+    if mine and (_no_train() or not train):
         raise MissingResult(
             f"{len(mine)} of {len(configs)} results are not stored (e.g. {mine[0].label} in {mine[0].experiment!r}) "
-            "and ALIVE_NO_TRAIN is set"
+            "and training is off (ALIVE_NO_TRAIN or train=False)"
         )
     if mine:
         log.info("sweep: %d stored, %d to train here (shard %d/%d)", len(configs) - len(pending), len(mine), i, n)

@@ -13,6 +13,7 @@ the run equals the single-process one (the separation penalty sees the global ba
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -131,7 +132,7 @@ def _fp32_matmuls(device: torch.device, precision: str) -> None:
 def _autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -282,8 +283,8 @@ def fit(
         pen_sum = torch.zeros((), device=dev, dtype=torch.float64)
         correct = torch.zeros((), device=dev, dtype=torch.int64)
         seen = 0
-        for idx in batches(n_train, cfg.batch_size, gen):
-            idx = idx.to(dev)
+        # the order is drawn on the CPU (the same on every device) and moved once per epoch
+        for idx in batches(n_train, cfg.batch_size, gen, device=dev):
             xb, yb = ds.x_train[idx], ds.y_train[idx]
             if cfg.augment:
                 xb = augment(xb, gen)

@@ -1,0 +1,78 @@
+"""The batched grid engine against one-network-at-a-time training, side by side in one run.
+
+A slice of the MOONS grid of the separation paper (five methods: ReLU, ReLU + BN, Sep-U,
+Sep-P, Sep-UP) is trained twice for the same number of full-batch epochs: by
+``alive.grid.train_group`` (all networks at once) and by ``alive.train.fit`` one after the
+other. Then the whole paper grid (widths 1-5, 10-25; depths 1-120; the five methods) is timed
+for a few epochs with the engine and extrapolated to the paper's 5000 epochs.
+
+Ends with ``grid_speedup: <ratio>`` (target >= 10) and ``paper_moons_grid_minutes: <m>``
+(target < 20 on a 2-core CPU).
+
+Usage: python bench/grid.py [--device cuda] [--quick]
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import report, sync  # noqa: E402
+
+from alive.config import RunConfig  # noqa: E402
+from alive.grid import group_configs, train_group  # noqa: E402
+from alive.train import fit  # noqa: E402
+
+METHODS = {"relu": {}, "relu+bn": {"batchnorm": True}, "sep-u": {"constraint": "u", "weight": 1e-4},
+           "sep-p": {"constraint": "p", "weight": 1e-4}, "sep-up": {"constraint": "up", "weight": 1e-4}}
+
+
+def grid(depths, widths, epochs):
+    base = RunConfig(experiment="bench", depth=1, width=1, epochs=epochs, batch_size=None, lr=0.01, seed=10, diagnostics=False)
+    return [base.replace(depth=d, width=w, **kw) for kw in METHODS.values() for d in depths for w in widths]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    dev = args.device
+    depths, widths, epochs = ([1, 10], [1, 3], 20) if args.quick else ([1, 10, 20, 30], [1, 2, 3, 5, 10], 100)
+    cfgs = grid(depths, widths, epochs)
+    print(f"torch {torch.__version__}, device {dev}; slice: {len(cfgs)} networks (depths {depths}, widths {widths}), {epochs} epochs")
+    warm = grid([2], [2], 2)  # one-time costs (imports, allocator, autograd engine) paid by neither side
+    train_group([warm[0], warm[2]], device=dev, progress="quiet")
+    fit(warm[1], device=dev, progress="quiet")
+    sync(dev)
+    t = time.perf_counter()
+    for group in group_configs(cfgs, device=dev):
+        train_group(group, device=dev, progress="quiet")
+    sync(dev)
+    t_grid = time.perf_counter() - t
+    t = time.perf_counter()
+    for c in cfgs:
+        fit(c, device=dev, progress="quiet")
+    sync(dev)
+    t_single = time.perf_counter() - t
+    print(f"batched engine {t_grid:.1f} s, one at a time {t_single:.1f} s")
+    ratios = {"grid_speedup": t_single / t_grid}
+
+    paper = grid([1] + list(range(10, 121, 10)), [1, 2, 3, 4, 5, 10, 15, 20, 25], 3 if args.quick else 8)
+    if args.quick:
+        paper = [c for c in paper if c.depth <= 20]
+    per_epoch = 0.0
+    for group in group_configs(paper, device=dev):
+        recs = train_group(group, device=dev, progress="quiet")
+        per_epoch += statistics.median(recs[0]["history"]["time"][1:] or recs[0]["history"]["time"])
+    minutes = per_epoch * 5000 / 60
+    print(f"paper MOONS grid ({len(paper)} networks): {per_epoch * 1e3:.0f} ms per epoch -> {minutes:.1f} min for 5000 epochs")
+    ratios["paper_moons_grid_minutes"] = minutes
+    report(ratios)
+
+
+if __name__ == "__main__":
+    main()
