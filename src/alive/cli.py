@@ -44,16 +44,25 @@ def _parse_value(text: str, hint) -> Any:
     return text
 
 
-def load_profile(experiment: str, profile: str, root: str | os.PathLike = "profiles") -> dict:
+def _project_profiles() -> Path:
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "profiles").is_dir():
+            return folder / "profiles"
+    return here / "profiles"
+
+
+def load_profile(experiment: str, profile: str, root: str | os.PathLike | None = None) -> dict:
     """Parameters of ``experiment`` in ``profile`` (``profiles/<profile>/<experiment>.yml``).
 
-    The ``smoke`` profile is the notebook's own defaults: an empty dict.
+    ``root`` defaults to the ``profiles`` folder of the enclosing checkout. The ``smoke``
+    profile is the notebook's own defaults.
     """
     import yaml
 
     if profile == "smoke":
         return {"profile": "smoke"}
-    path = Path(root) / profile / f"{experiment}.yml"
+    path = Path(root if root is not None else _project_profiles()) / profile / f"{experiment}.yml"
     if not path.exists():
         raise ConfigError(f"no profile file {path} (profiles: smoke, book, paper)")
     with open(path) as f:
@@ -83,7 +92,7 @@ def _sweep_parser(sub) -> None:
                                    "in the store; restartable and shardable.")
     p.add_argument("--experiment", required=True, help="one of: " + ", ".join(EXPERIMENTS))
     p.add_argument("--profile", default="book", help="smoke, book or paper (reads profiles/<profile>/<experiment>.yml)")
-    p.add_argument("--profiles-dir", default="profiles")
+    p.add_argument("--profiles-dir", default=None, help="default: profiles/ of the enclosing checkout")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (YAML value), repeatable")
     p.add_argument("--shard", default=None, help="i/n: train only every n-th pending run starting at i")
     p.add_argument("--device", default=None)

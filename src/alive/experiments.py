@@ -53,7 +53,7 @@ class Common:
     require_full: bool = False
     device: str | None = None
     precision: str = "auto"
-    long: dict | None = None  # parameters of longer, stored runs the notebook shows (it never trains them)
+    long: str | None = None  # a profile of longer, stored runs the notebook shows (it never trains them)
 
     def __post_init__(self):
         check_fields(self)
@@ -63,7 +63,7 @@ class Common:
             raise ConfigError("seeds must list at least one seed")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs}")
-        for name in ("activations", "methods"):
+        for name in ("activations", "methods", "reference_methods"):
             for a in getattr(self, name, ()):
                 if name == "activations":
                     try:
@@ -156,6 +156,7 @@ class GridParams(Common):
     n_train: int | None = None
     n_test: int | None = None
     threshold: float = 0.95
+    reference_methods: list[str] = field(default_factory=list)  # trained as in the Figure 1-3 experiments (shared runs)
 
 
 # --------------------------------------------------------------------------- result
@@ -626,14 +627,18 @@ def _method_kwargs(m: str, p: GridParams) -> dict:
     return zero
 
 
+_EXPERIMENT_OF_DATASET = {"moons": "moons", "mnist": "mnist", "cifar10": "cifar"}
+
+
 def _grid_configs(p: GridParams, experiment: str) -> list[RunConfig]:
     model = "mlp" if p.dataset == "moons" else "cnn"
     out = []
-    for m in p.methods:
+    for m in list(p.methods) + [r for r in p.reference_methods if r not in p.methods]:
+        exp = experiment if m in p.methods else _EXPERIMENT_OF_DATASET[p.dataset]
         for d in p.depths:
             for w in p.widths:
                 for s in p.seeds:
-                    kw = dict(experiment=experiment, dataset=p.dataset, model=model, depth=d, width=w, optimizer="adam",
+                    kw = dict(experiment=exp, dataset=p.dataset, model=model, depth=d, width=w, optimizer="adam",
                               lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, seed=s, precision=p.precision,
                               **_method_kwargs(m, p))
                     if p.dataset != "moons":
@@ -661,7 +666,7 @@ METHOD_LABELS = {
 
 def _grid_frame(runs: pd.DataFrame) -> pd.DataFrame:
     g = runs.assign(method=runs.apply(method_of, axis=1))
-    cols = ["method", "depth", "width", "seed", "best_val_acc", "status"]
+    cols = ["method", "depth", "width", "seed", "best_val_acc", "final_train_acc", "status"]
     for c in ("dead_point_fraction", "dead_units", "units"):
         if c in g:
             cols.append(c)
@@ -698,54 +703,110 @@ def _breakdown(grid: pd.DataFrame, method: str, threshold: float) -> str:
     return " ".join(parts)
 
 
+def _by_depth(grid: pd.DataFrame, method: str) -> pd.Series:
+    """Median best accuracy per depth (over widths and seeds)."""
+    return grid[grid.method == method].groupby("depth").best_val_acc.median()
+
+
 def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame:
     t = p.threshold
-    rows = []
     methods = set(grid.method)
-    depths = sorted(grid.depth.unique())
-    deep = max(depths)
-    say = {k: v for k, v in paper.SEPARATION_CLAIMS[figure]}
-    if figure in ("fig1", "fig2", "fig3"):
+    widths = sorted(grid.width.unique())
+    deepest_depth = int(grid.depth.max())
+    say = dict(paper.SEPARATION_CLAIMS[figure])
+    rows = []
+
+    def deepest(m, w=None):
+        return deepest_good(grid, m, t, w)
+
+    def per_width(m):
+        return f"per width {_breakdown(grid, m, t)}"
+
+    if figure == "fig1":
         if "relu" in methods:
-            d = deepest_good(grid, "relu", t)
-            rows.append(_claim(f"ReLU breaks down with depth (deepest net reaching {t:.0%})", say.get("relu", ""),
-                               f"deepest: {d}; per width {_breakdown(grid, 'relu', t)}", None if d is None else d < deep))
+            d = deepest("relu")
+            rows.append(_claim(f"ReLU breaks down at 20-30 layers (deepest net reaching {t:.0%})", say["relu"],
+                               f"deepest: {d}; {per_width('relu')}", None if d is None else 10 <= d <= 40))
         if "relu+bn" in methods:
-            d = deepest_good(grid, "relu+bn", t)
-            rows.append(_claim(f"ReLU + BN degrades with depth (deepest net reaching {t:.0%})", say.get("relu+bn", ""),
-                               f"deepest: {d}; per width {_breakdown(grid, 'relu+bn', t)}", None if d is None else d < deep))
+            need = {d: narrowest_good(grid, "relu+bn", t, d) for d in sorted(grid.depth.unique())}
+            known = [(d, w) for d, w in need.items() if w is not None]
+            grows = len(known) >= 2 and all(b[1] >= a[1] for a, b in zip(known, known[1:])) and known[-1][1] > known[0][1]
+            rows.append(_claim(f"ReLU + BN needs wider layers as depth grows (narrowest width reaching {t:.0%})", say["relu+bn"],
+                               ", ".join(f"d{d}: {w if w is not None else '-'}" for d, w in need.items()), grows if known else None))
         if "sep-up" in methods:
-            d = deepest_good(grid, "sep-up", t)
-            rows.append(_claim(f"Sep-UP trains deeper than ReLU and ReLU + BN (deepest net reaching {t:.0%})",
-                               say.get("sep-up", say.get("all", "")),
-                               f"deepest: {d}; per width {_breakdown(grid, 'sep-up', t)}",
-                               None if d is None else all(d >= (deepest_good(grid, m, t) or 0) for m in ("relu", "relu+bn") if m in methods)))
-            if figure == "fig1" and 3 in set(grid.width):
-                d3 = deepest_good(grid, "sep-up", t, width=3)
-                rows.append(_claim("Sep-UP at width 3 reaches full accuracy up to 60 layers", say["sep-up"],
-                                   f"deepest at width 3: {d3}", None if d3 is None else d3 >= 60))
-        if figure == "fig3" and {"relu", "sep-up"} <= methods:
-            acc = grid.groupby("method").best_val_acc.mean()
-            rows.append(_claim("ReLU is best on average, closely followed by Sep-UP", say.get("relu", ""),
-                               ", ".join(f"{METHOD_LABELS[m]} {acc[m]:.3f}" for m in acc.index), acc.get("relu", 0) >= acc.get("sep-up", 0)))
+            d3 = deepest("sep-up", 3) if 3 in widths else None
+            rows.append(_claim(f"Sep-UP reaches {t:.0%} at width 3 up to 60 layers", say["sep-up"],
+                               f"deepest at width 3: {d3}; {per_width('sep-up')}", None if 3 not in widths else (d3 or 0) >= 60))
+            others = {m: deepest(m) or 0 for m in ("relu", "relu+bn") if m in methods}
+            ds = deepest("sep-up") or 0
+            rows.append(_claim("Sep-UP trains deeper than ReLU and ReLU + BN", "Sep-UP is superior to all its competitors",
+                               f"deepest reaching {t:.0%}: Sep-UP {ds}, " + ", ".join(f"{METHOD_LABELS[m]} {v}" for m, v in others.items()),
+                               all(ds > v for v in others.values()) if others else None))
+        if 1 in widths:
+            ok = grid[(grid.width == 1)].groupby(["method", "depth"]).best_val_acc.median()
+            n_ok = int((ok >= t).sum())
+            rows.append(_claim(f"no network of width 1 reaches {t:.0%}", say["all"], f"{n_ok} width-1 cells reach it", n_ok == 0))
     if figure == "fig5":
-        for m in ("sep-u", "sep-p"):
-            if m in methods:
-                d = deepest_good(grid, m, t)
-                rows.append(_claim(f"{METHOD_LABELS[m]}: deepest net reaching {t:.0%}", say[m],
-                                   f"deepest: {d}; per width {_breakdown(grid, m, t)}", None))
-        if "sep-u" in methods and 1 in set(grid.width):
-            acc = grid[(grid.method == "sep-u") & (grid.width == 1)].groupby("depth").best_val_acc.median()
-            rows.append(_claim("Sep-U trains 120 layers of one unit (above chance)", say["sep-u"],
-                               f"width 1 best accuracy at depth {int(acc.index.max())}: {acc.iloc[-1]:.3f}", acc.iloc[-1] > 0.6))
+        if "sep-u" in methods and 1 in widths:
+            acc1 = grid[(grid.method == "sep-u") & (grid.width == 1)].groupby("depth").best_val_acc.median()
+            deep = acc1.get(deepest_depth, np.nan)
+            rows.append(_claim(f"Sep-U trains {deepest_depth} layers of a single unit (above chance)", say["sep-u"],
+                               f"width 1, depth {deepest_depth}: {deep:.3f}", bool(deep > 0.6)))
+            if "sep-up" in methods:
+                a, b = grid[grid.method == "sep-u"].best_val_acc.mean(), grid[grid.method == "sep-up"].best_val_acc.mean()
+                rows.append(_claim("Sep-U is less accurate than Sep-UP", say["sep-u"], f"mean best accuracy Sep-U {a:.3f}, Sep-UP {b:.3f}", a < b))
+        if "sep-p" in methods:
+            acc = _by_depth(grid, "sep-p")
+            shallow, deep = acc[acc.index <= 40].mean(), acc[acc.index > 40].mean()
+            rows.append(_claim("Sep-P works up to 40 layers and is much worse deeper", say["sep-p"],
+                               f"median accuracy, depth <= 40: {shallow:.3f}, deeper: {deep:.3f}; {per_width('sep-p')}",
+                               None if np.isnan(deep) else bool(deep < shallow - 0.05)))
+    if figure == "fig2":
+        if "relu" in methods:
+            d = deepest("relu")
+            rows.append(_claim(f"ReLU breaks down at 20 layers (deepest net reaching {t:.0%})", say["relu"],
+                               f"deepest: {d}; {per_width('relu')}", None if d is None else 8 <= d <= 24))
+        if "relu+bn" in methods:
+            acc = _by_depth(grid, "relu+bn")
+            rows.append(_claim("ReLU + BN accuracy degrades with depth", say["relu+bn"],
+                               f"median accuracy at depth {acc.index.min()}: {acc.iloc[0]:.3f}, at {acc.index.max()}: {acc.iloc[-1]:.3f}",
+                               bool(acc.iloc[-1] < acc.iloc[0] - 0.02)))
+        if "sep-up" in methods:
+            acc = _by_depth(grid, "sep-up")
+            spread = acc.max() - acc.min()
+            rows.append(_claim("Sep-UP accuracy is constant across depths", say["sep-up"],
+                               f"median accuracy from {acc.min():.3f} to {acc.max():.3f} over depths {list(acc.index)}", bool(spread < 0.05)))
+    if figure == "fig3":
+        drops = {m: _by_depth(grid, m) for m in ("relu", "relu+bn", "sep-up") if m in methods}
+        if drops:
+            text = ", ".join(f"{METHOD_LABELS[m]} {a.iloc[0]:.3f} -> {a.iloc[-1]:.3f}" for m, a in drops.items())
+            degrade = all(a.iloc[-1] < a.iloc[0] for a in drops.values())
+            robust = "sep-up" in drops and min(drops, key=lambda m: drops[m].iloc[0] - drops[m].iloc[-1]) == "sep-up"
+            rows.append(_claim("all methods degrade with depth, Sep-UP the least", say["all"], text, degrade and robust))
+        if {"relu", "sep-up"} <= methods:
+            acc = grid.groupby("method").best_val_acc.mean()
+            rows.append(_claim("ReLU is best on average, closely followed by Sep-UP", say["relu"],
+                               ", ".join(f"{METHOD_LABELS[m]} {acc[m]:.3f}" for m in acc.index),
+                               bool(acc.idxmax() == "relu" and acc["relu"] - acc["sep-up"] < 0.03)))
+        if "relu+bn" in methods and "final_train_acc" in grid:
+            gap = (grid.final_train_acc - grid.best_val_acc).groupby(grid.method).mean()
+            rows.append(_claim("ReLU + BN overfits (largest train-validation gap)", say["relu"],
+                               ", ".join(f"{METHOD_LABELS[m]} {gap[m]:+.3f}" for m in gap.index), bool(gap.idxmax() == "relu+bn")))
     if figure == "fig4" and "sep-up-zero" in methods:
-        d = deepest_good(grid, "sep-up-zero", t)
-        rows.append(_claim(f"zero-initialised Sep-UP trains (deepest net reaching {t:.0%})", say["sep-up-zero"],
-                           f"deepest: {d}; per width {_breakdown(grid, 'sep-up-zero', t)}", None if d is None else d > 1))
+        w60 = narrowest_good(grid, "sep-up-zero", t, 60) if 60 in set(grid.depth) else None
+        ref = narrowest_good(grid, "sep-up", t, 60) if "sep-up" in methods and 60 in set(grid.depth) else None
+        rows.append(_claim(f"zero init needs width 25 at depth 60 to reach {t:.0%} (Glorot: width 2)", say["sep-up-zero"],
+                           f"narrowest width at depth 60: zero init {w60}, Glorot {ref}; {per_width('sep-up-zero')}",
+                           None if w60 is None else bool(ref is None or w60 > ref)))
+        if "relu+bn" in methods:
+            dz, db = deepest("sep-up-zero") or 0, deepest("relu+bn") or 0
+            az, ab = grid[grid.method == "sep-up-zero"].best_val_acc.mean(), grid[grid.method == "relu+bn"].best_val_acc.mean()
+            rows.append(_claim("zero-initialised Sep-UP beats ReLU + BN (Glorot) in depth and accuracy", "superior to ReLU + BN",
+                               f"deepest reaching {t:.0%}: {dz} vs {db}; mean accuracy {az:.3f} vs {ab:.3f}", bool(dz >= db and az > ab)))
         if "relu-zero" in methods:
             acc = grid[grid.method == "relu-zero"].best_val_acc.max()
-            rows.append(_claim("without the constraint, zero-initialised ReLU cannot break symmetry", "(implied: the constraint is needed)",
-                               f"best accuracy of any zero-initialised plain ReLU net: {acc:.3f}", acc < 0.75))
+            rows.append(_claim("without the constraint, zero-initialised ReLU cannot break the symmetry", "(implied: the constraint is needed)",
+                               f"best accuracy of any zero-initialised plain ReLU net: {acc:.3f}", bool(acc < 0.75)))
     return _claims(rows)
 
 
@@ -832,28 +893,44 @@ def configs(name: str, **values) -> list[RunConfig]:
     return _lookup(name).configs(params(name, **values))
 
 
-def stored(name: str, store: Store | None = None, **values) -> ExperimentResult | None:
-    """Experiment ``name`` from stored records only (never trains); None unless all are stored.
+def stored(name: str, profile: str | None = None, store: Store | None = None, partial: bool = False, **values) -> ExperimentResult | None:
+    """Experiment ``name`` from stored records only (never trains).
 
-    For results that are too long to train on a CPU but were computed elsewhere (a GPU) and
-    committed, such as the depth chapter's longer runs.
+    For results too long to train on a CPU that were computed elsewhere (a GPU) and committed,
+    such as each linked-neurons chapter's longer runs (``profile="long"``: the parameters of
+    ``profiles/long/<name>.yml``, updated by ``values``). Returns None unless every run is
+    stored, or, with ``partial=True``, unless at least one is (the tables show what is there).
     """
+    from .cli import load_profile
     from .results import MissingResult
 
+    if profile is not None:
+        values = {**load_profile(name, profile), **values}
     try:
-        return run(name, store=store, train=False, **values)
+        return run(name, store=store, train=False, partial=partial, **values)
     except MissingResult:
         return None
 
 
-def run(name: str, store: Store | None = None, progress: str = "auto", train: bool = True, **values) -> ExperimentResult:
+def run(name: str, store: Store | None = None, progress: str = "auto", train: bool = True, partial: bool = False,
+        **values) -> ExperimentResult:
     """Run (or load) experiment ``name`` and return its tables, claims and records.
 
-    ``train=False`` only reads stored records (:class:`~alive.results.MissingResult` if one is missing).
+    ``train=False`` only reads stored records (:class:`~alive.results.MissingResult` if one is
+    missing; with ``partial=True`` the missing runs are left out instead).
     """
+    from .results import MissingResult, default_store
+    from .train import resolve_device, resolve_precision
+
     exp = _lookup(name)
     p = params(name, **values)
     cfgs = exp.configs(p)
+    if partial and not train:
+        store = store or default_store()
+        dev = resolve_device(p.device)
+        cfgs = [c for c in cfgs if store.get(c, resolve_precision(c.precision, dev)) is not None]
+        if not cfgs:
+            raise MissingResult(f"no stored run of {name!r} for these parameters")
     records = sweep(cfgs, store=store, device=p.device, progress=progress, train=train)
     runs = to_frame(records)
     out = exp.result(p, runs, records) if exp.wants_records else exp.result(p, runs)
