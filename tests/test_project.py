@@ -55,3 +55,13 @@ def test_book_lists_every_notebook_and_the_makefile_runs_them():
     for name in NOTEBOOKS:
         assert f"book/{name}" in toc
     assert (ROOT / "_config.yml").exists() and "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_starts_with_make_book_then_make_test_and_its_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^make \w+", readme, re.M)
+    assert commands[:2] == ["make book", "make test"]
+    example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["loss"].requires_grad and scope["model"].hidden[0][0].weight.grad is not None

@@ -37,7 +37,7 @@ def setup() -> None:
 
 def _curves(act, z: torch.Tensor):
     z = z.clone().requires_grad_(True)
-    out = act(z.unsqueeze(0)).squeeze(0)  # (d * n,)
+    out = act(z.unsqueeze(0)).reshape(-1)  # members stacked along dim 0: (d * n,)
     d = out.numel() // z.numel()
     values, slopes = [], []
     for k in range(d):
