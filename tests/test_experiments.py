@@ -24,13 +24,15 @@ def test_parameter_types_and_names_are_checked_early():
     "name,kw,count",
     [
         ("width", dict(seeds=[0, 1]), 2 * 8 * 2),
-        ("depth", dict(seeds=[0, 1, 2]), 13 * 3),
+        ("depth", dict(seeds=[0, 1, 2]), 13 * 3 + 2 * 5 * 3),  # + smoke sweep depths [2, 4] of 5 nets
         ("params", dict(), 12),
         ("allcnn", dict(), 8),
         ("resnet", dict(), 11),
-        ("scaling", dict(), 2 * 4 * 3),
+        ("scaling", dict(), 2 * 2 * 3),
+        ("scaling", dict(activations=["relu", "lk-relu", "selu", "lk-selu"]), 2 * 4 * 3),
         ("moons", dict(widths=[1, 2], depths=[1, 10, 20]), 5 * 2 * 3),
-        ("zero_init", dict(methods=["sep-up-zero"]), 6),
+        ("zero_init", dict(methods=["sep-up-zero"]), 4 + 2 * 4),  # + the two reference methods
+        ("zero_init", dict(methods=["sep-up-zero"], reference_methods=[]), 4),
     ],
 )
 def test_run_counts(name, kw, count):
@@ -38,14 +40,18 @@ def test_run_counts(name, kw, count):
 
 
 def test_paper_configurations_follow_the_papers():
-    d = E.configs("depth", profile="paper", epochs=200, n_train=None, n_test=None, require_full=True)
+    from alive.cli import load_profile
+
+    d = E.configs("depth", **load_profile("depth", "paper"))
+    assert 50 in {c.depth for c in d} and {c.epochs for c in d} == {200}
     assert {c.optimizer for c in d} == {"adam"} and {c.lr for c in d} == {1e-3} and {c.batch_size for c in d} == {32}
     assert {(c.activation, c.widen) for c in d if c.widen} == {("relu", True), ("prelu", True), ("selu", True), ("swish", True)}
     assert [c for c in d if c.batchnorm][0].activation == "relu"
-    z = E.configs("zero_init", methods=["sep-up-zero"])
+    z = E.configs("zero_init", **load_profile("zero_init", "paper"))
+    z = [c for c in z if c.init == "zero" and c.weight > 0]
     assert all(c.init == "zero" and c.rho == 0.51 and c.annealed_dropout == 0.9 for c in z)
-    r = E.configs("resnet")
-    assert sum(not c.batchnorm for c in r) == 3 and all(c.augment and c.batch_size == 32 for c in r)
+    r = E.configs("resnet", **load_profile("resnet", "paper"))
+    assert sum(not c.batchnorm for c in r) == 3 and all(c.augment and c.batch_size == 128 and c.lr == 1e-3 for c in r)
 
 
 def test_smoke_runs_end_to_end_with_tables_and_claims():

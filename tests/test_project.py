@@ -1,4 +1,5 @@
 """The project's own consistency: dependencies, notebooks, profiles, book."""
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -65,3 +66,31 @@ def test_readme_starts_with_make_book_then_make_test_and_its_example_runs():
     scope: dict = {}
     exec(compile(example, "README.md", "exec"), scope)
     assert scope["loss"].requires_grad and scope["model"].hidden[0][0].weight.grad is not None
+
+
+def test_long_profiles_are_valid():
+    paths = sorted((ROOT / "profiles" / "long").glob("*.yml"))
+    assert paths
+    for path in paths:
+        values = yaml.safe_load(path.read_text())
+        assert values.get("profile") == "long", path
+        E.params(path.stem, **values)
+
+
+def test_notebook_parameters_are_the_experiments_smoke_defaults():
+    """papermill (notebook defaults + profile file) and ``alive sweep`` (experiment defaults +
+    the same file) must describe the same runs."""
+    checked = 0
+    for name in NOTEBOOKS:
+        if name not in E.EXPERIMENTS:
+            continue
+        nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+        scope: dict = {}
+        exec("".join(cell["source"]), scope)
+        defaults = dataclasses.asdict(E.params(name))
+        for key, value in scope.items():
+            if not key.startswith("__"):
+                assert defaults[key] == value, (name, key, value, defaults[key])
+                checked += 1
+    assert checked > 50

@@ -11,6 +11,7 @@ lists the runs without training (the CLI's ``sweep --experiment`` trains them).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -57,8 +58,8 @@ class Common:
 
     def __post_init__(self):
         check_fields(self)
-        if self.profile not in ("smoke", "book", "paper", "custom"):
-            raise ConfigError(f"profile must be smoke, book, paper or custom, got {self.profile!r}")
+        if self.profile not in ("smoke", "book", "paper", "long", "custom"):
+            raise ConfigError(f"profile must be smoke, book, paper, long or custom, got {self.profile!r}")
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
         if self.epochs <= 0:
@@ -479,8 +480,10 @@ def _allcnn_configs(p: AllCNNParams) -> list[RunConfig]:
 
 
 def _single_table(p, runs: pd.DataFrame, published: Callable[[str], pd.Series]) -> pd.DataFrame:
-    med = runs.groupby("activation")["best_val_acc"].median()
-    table = pd.DataFrame({"ours (median)": med, "paper v2": published("v2"), "paper v1": published("v1")})
+    by = runs.groupby("activation")
+    diverged = by["status"].apply(lambda s: f"{int((s == 'diverged').sum())}/{len(s)}")
+    table = pd.DataFrame({"ours (median)": by["best_val_acc"].median(), "ours diverged": diverged,
+                          "paper v2": published("v2"), "paper v1": published("v1")})
     table = table.loc[[a for a in p.activations if a in table.index]]
     table.index = [display_name(a) for a in table.index]
     return table
@@ -824,19 +827,34 @@ class _Experiment:
     configs: Callable[[Any], list[RunConfig]]
     result: Callable[..., tuple]
     wants_records: bool = False
+    # The experiment's defaults are its smoke profile, the values of its notebook's parameters
+    # cell: the dataclass defaults updated by these. A book/paper/long profile file overlays the
+    # same base in the notebook (papermill) and in ``alive sweep``, so both train the same runs.
+    smoke: dict = field(default_factory=dict)
 
 
 EXPERIMENTS: dict[str, _Experiment] = {
-    "width": _Experiment(WidthParams, _width_configs, _width_result),
-    "depth": _Experiment(DepthParams, _depth_configs, _depth_result, wants_records=True),
-    "params": _Experiment(ParamsParams, _params_configs, _params_result),
-    "allcnn": _Experiment(AllCNNParams, _allcnn_configs, _allcnn_result),
-    "resnet": _Experiment(ResNetParams, _resnet_configs, _resnet_result),
-    "scaling": _Experiment(ScalingParams, _scaling_configs, _scaling_result),
-    "moons": _Experiment(GridParams, lambda p: _grid_configs(p, "moons"), lambda p, r: _grid_result(p, r, "fig1")),
-    "mnist": _Experiment(GridParams, lambda p: _grid_configs(p, "mnist"), lambda p, r: _grid_result(p, r, "fig2")),
-    "cifar": _Experiment(GridParams, lambda p: _grid_configs(p, "cifar"), lambda p, r: _grid_result(p, r, "fig3")),
-    "zero_init": _Experiment(GridParams, lambda p: _grid_configs(p, "zero_init"), lambda p, r: _grid_result(p, r, "fig4")),
+    "width": _Experiment(WidthParams, _width_configs, _width_result,
+                         smoke=dict(units=[50, 100], n_train=128, n_test=128)),
+    "depth": _Experiment(DepthParams, _depth_configs, _depth_result, wants_records=True,
+                         smoke=dict(depth=10, n_train=128, n_test=128, sweep_depths=[2, 4])),
+    "params": _Experiment(ParamsParams, _params_configs, _params_result, smoke=dict(n_train=128, n_test=128)),
+    "allcnn": _Experiment(AllCNNParams, _allcnn_configs, _allcnn_result,
+                          smoke=dict(width_mult=0.125, n_train=128, n_test=128, batch_size=64)),
+    "resnet": _Experiment(ResNetParams, _resnet_configs, _resnet_result, smoke=dict(n_train=64, n_test=64)),
+    "scaling": _Experiment(ScalingParams, _scaling_configs, _scaling_result,
+                           smoke=dict(depth=10, activations=["relu", "lk-relu"], n_train=128, n_test=128)),
+    "moons": _Experiment(GridParams, lambda p: _grid_configs(p, "moons"), lambda p, r: _grid_result(p, r, "fig1"),
+                         smoke=dict(seeds=[10], epochs=50)),
+    "mnist": _Experiment(GridParams, lambda p: _grid_configs(p, "mnist"), lambda p, r: _grid_result(p, r, "fig2"),
+                         smoke=dict(seeds=[10], methods=["relu", "relu+bn", "sep-up"], widths=[2, 4], depths=[2, 4], lr=0.001,
+                                    weight=1e-08, batch_size=128, n_train=512, n_test=256, threshold=0.9)),
+    "cifar": _Experiment(GridParams, lambda p: _grid_configs(p, "cifar"), lambda p, r: _grid_result(p, r, "fig3"),
+                         smoke=dict(seeds=[10], methods=["relu", "relu+bn", "sep-up"], widths=[10], depths=[2, 4], lr=0.001,
+                                    weight=1e-08, batch_size=128, n_train=256, n_test=128, threshold=0.3)),
+    "zero_init": _Experiment(GridParams, lambda p: _grid_configs(p, "zero_init"), lambda p, r: _grid_result(p, r, "fig4"),
+                             smoke=dict(seeds=[10], epochs=50, methods=["sep-up-zero", "relu-zero"],
+                                        reference_methods=["sep-up", "relu+bn"], widths=[2, 3], anneal_epochs=10)),
 }
 
 
@@ -874,8 +892,11 @@ def _lookup(name: str) -> _Experiment:
 
 
 def params(name: str, **values) -> Any:
-    """The validated parameters of experiment ``name`` (unknown names and wrong types raise)."""
-    cls = _lookup(name).params
+    """The validated parameters of experiment ``name``: its smoke defaults (the notebook's
+    parameters cell) updated by ``values``; unknown names and wrong types raise."""
+    exp = _lookup(name)
+    cls = exp.params
+    values = {**copy.deepcopy(exp.smoke), **values}
     dataset = _GRID_DATASETS.get(name)
     if dataset is not None:
         values.setdefault("dataset", dataset)
