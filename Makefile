@@ -11,7 +11,6 @@ export ALIVE_DATA    ?= $(abspath $(CURDIR)/../shared/data)
 export ALIVE_RESULTS ?= $(CURDIR)/results
 export PATH          := $(BIN):$(PATH)
 export PYTHONHASHSEED := 0
-export MPLBACKEND    := Agg
 
 .PHONY: book notebooks html test unit smoke reproduce bench clean env
 

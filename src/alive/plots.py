@@ -27,12 +27,24 @@ __all__ = [
 
 
 def setup() -> None:
-    """Book style: seaborn's paper theme, three decimals in tables, wide frames."""
+    """Book style: seaborn's paper theme, three decimals in tables, wide frames; inside a
+    Jupyter kernel, figures are shown inline even where ``MPLBACKEND`` names a file backend."""
+    _inline_in_jupyter()
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
     pd.set_option("display.float_format", "{:.3f}".format)
     pd.set_option("display.max_columns", 40)
     pd.set_option("display.width", 160)
     pd.set_option("display.max_colwidth", 120)
+
+
+def _inline_in_jupyter() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        shell.run_line_magic("matplotlib", "inline")
 
 
 def _curves(act, z: torch.Tensor):
