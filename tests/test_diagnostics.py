@@ -71,3 +71,6 @@ def test_dead_unit_gradient_demo():
     t = dead_unit_gradients(bias=-100.0)
     assert t.loc["ReLU", "|dL/dw|"] == 0.0
     assert t.loc["LK-ReLU", "|dL/dw|"] > 0 and t.loc["ReLU + Sep-U", "|dL/dw|"] > 0
+    assert t["receives gradient"].tolist() == [False, True, True]
+    # Sep-U on one unit: d/db of ½·relu(1 - max z) = -½ per unit, times λ
+    assert t.loc["ReLU + Sep-U", "|dL/db|"] == pytest.approx(0.5e-4)

@@ -35,3 +35,8 @@ def test_heatmaps_rejects_unknown_methods():
     grid = pd.DataFrame({"method": ["relu"], "depth": [1], "width": [2], "best_val_acc": [0.5]})
     with pytest.raises(ValueError, match="none of the requested methods"):
         plots.heatmaps(grid, ["sep-up"])
+
+
+def test_book_number_format_keeps_small_values_visible():
+    assert plots._number(0.0) == "0.000" and plots._number(0.5123) == "0.512"
+    assert plots._number(5e-5) == "5.00e-05" and plots._number(-2e-4) == "-2.00e-04"

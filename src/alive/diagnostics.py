@@ -292,6 +292,7 @@ def dead_unit_gradients(bias: float = -100.0, points: int = 64, weight: float = 
                 "max pre-activation": zmax,
                 "|dL/dw|": float(unit.weight.grad.norm()),
                 "|dL/db|": float(unit.bias.grad.abs().sum()),
+                "receives gradient": bool(unit.weight.grad.abs().sum() + unit.bias.grad.abs().sum() > 0),
             }
         )
     return pd.DataFrame(rows).set_index("unit")

@@ -31,10 +31,15 @@ def setup() -> None:
     Jupyter kernel, figures are shown inline even where ``MPLBACKEND`` names a file backend."""
     _inline_in_jupyter()
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
-    pd.set_option("display.float_format", "{:.3f}".format)
+    pd.set_option("display.float_format", _number)
     pd.set_option("display.max_columns", 40)
     pd.set_option("display.width", 160)
     pd.set_option("display.max_colwidth", 120)
+
+
+def _number(v: float) -> str:
+    """Three decimals, but small non-zero values (gradients, penalties) in scientific notation."""
+    return f"{v:.2e}" if v != 0 and abs(v) < 1e-3 else f"{v:.3f}"
 
 
 def _inline_in_jupyter() -> None:
