@@ -725,11 +725,14 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
     def per_width(m):
         return f"per width {_breakdown(grid, m, t)}"
 
+    def relu_breakdown(layers: str, lo: int, hi: int):
+        d = deepest("relu")
+        rows.append(_claim(f"ReLU breaks down at {layers} layers (deepest net reaching {t:.0%})", say["relu"],
+                           f"deepest: {d}; {per_width('relu')}", None if d is None else lo <= d <= hi))
+
     if figure == "fig1":
         if "relu" in methods:
-            d = deepest("relu")
-            rows.append(_claim(f"ReLU breaks down at 20-30 layers (deepest net reaching {t:.0%})", say["relu"],
-                               f"deepest: {d}; {per_width('relu')}", None if d is None else 10 <= d <= 40))
+            relu_breakdown("20-30", 10, 40)
         if "relu+bn" in methods:
             need = {d: narrowest_good(grid, "relu+bn", t, d) for d in sorted(grid.depth.unique())}
             # single seeds make the narrowest width noisy, so the trend is judged by its rank
@@ -771,9 +774,7 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
                                None if np.isnan(deep) else bool(deep < shallow - 0.05)))
     if figure == "fig2":
         if "relu" in methods:
-            d = deepest("relu")
-            rows.append(_claim(f"ReLU breaks down at 20 layers (deepest net reaching {t:.0%})", say["relu"],
-                               f"deepest: {d}; {per_width('relu')}", None if d is None else 8 <= d <= 24))
+            relu_breakdown("20", 8, 24)
         if "relu+bn" in methods:
             acc = _by_depth(grid, "relu+bn")
             rows.append(_claim("ReLU + BN accuracy degrades with depth", say["relu+bn"],
