@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .config import ConfigError, RunConfig
+from .results import project_folder
 
 __all__ = ["main", "load_profile"]
 
@@ -44,14 +45,6 @@ def _parse_value(text: str, hint) -> Any:
     return text
 
 
-def _project_profiles() -> Path:
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "profiles").is_dir():
-            return folder / "profiles"
-    return here / "profiles"
-
-
 def load_profile(experiment: str, profile: str, root: str | os.PathLike | None = None) -> dict:
     """Parameters of ``experiment`` in ``profile`` (``profiles/<profile>/<experiment>.yml``).
 
@@ -62,7 +55,7 @@ def load_profile(experiment: str, profile: str, root: str | os.PathLike | None =
 
     if profile == "smoke":
         return {"profile": "smoke"}
-    path = Path(root if root is not None else _project_profiles()) / profile / f"{experiment}.yml"
+    path = Path(root if root is not None else project_folder("profiles")) / profile / f"{experiment}.yml"
     if not path.exists():
         raise ConfigError(f"no profile file {path} (profiles: smoke, book, paper)")
     with open(path) as f:

@@ -55,7 +55,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike | None = None):
         if root is None:
-            root = os.environ.get("ALIVE_RESULTS") or _project_results()
+            root = os.environ.get("ALIVE_RESULTS") or project_folder("results")
         self.root = Path(root)
 
     def path(self, experiment: str, key: str) -> Path:
@@ -123,16 +123,15 @@ class Store:
         return out
 
 
-def _project_results() -> Path:
-    """``results/`` of the enclosing checkout (a folder with ``pyproject.toml``), else ``./results``.
-
-    So a notebook opened from ``notebooks/`` or ``book/`` finds the project's stored results.
-    """
+def project_folder(name: str) -> Path:
+    """``name`` (``results``, ``profiles``) of the enclosing checkout (a folder with
+    ``pyproject.toml``), else ``./name``: so a notebook run from ``notebooks/`` or ``book/`` finds
+    the project's stored results and profiles."""
     here = Path.cwd().resolve()
     for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "results").is_dir():
-            return folder / "results"
-    return here / "results"
+        if (folder / "pyproject.toml").exists() and (folder / name).is_dir():
+            return folder / name
+    return here / name
 
 
 def _stale(lock: Path) -> bool:
