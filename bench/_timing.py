@@ -15,6 +15,12 @@ def sync(device) -> None:
 
 def compare(fns: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 10, device="cpu", warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds."""
+    times = rounds_of(fns, rounds, repeat, device, warmup)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rounds_of(fns: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 10, device="cpu", warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``rounds`` interleaved rounds."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -28,7 +34,13 @@ def compare(fns: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 1
                 f()
             sync(device)
             times[name].append((time.perf_counter() - t) / repeat)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s time over ``b``'s in the same round: a shared machine
+    drifts by more than the effects measured here, and pairing cancels the drift."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def report(ratios: dict[str, float]) -> None:

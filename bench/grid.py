@@ -24,7 +24,7 @@ from _timing import report, sync  # noqa: E402
 
 from alive.config import RunConfig  # noqa: E402
 from alive.grid import group_configs, train_group  # noqa: E402
-from alive.train import fit  # noqa: E402
+from alive.train import fit, keep_freed_memory  # noqa: E402
 
 METHODS = {"relu": {}, "relu+bn": {"batchnorm": True}, "sep-u": {"constraint": "u", "weight": 1e-4},
            "sep-p": {"constraint": "p", "weight": 1e-4}, "sep-up": {"constraint": "up", "weight": 1e-4}}
@@ -43,7 +43,8 @@ def main():
     dev = args.device
     depths, widths, epochs = ([1, 10], [1, 3], 20) if args.quick else ([1, 10, 20, 30], [1, 2, 3, 5, 10], 100)
     cfgs = grid(depths, widths, epochs)
-    print(f"torch {torch.__version__}, device {dev}; slice: {len(cfgs)} networks (depths {depths}, widths {widths}), {epochs} epochs")
+    kept = keep_freed_memory() if torch.device(dev).type == "cpu" else False  # as the trainers do
+    print(f"torch {torch.__version__}, allocator keeps freed memory: {kept}, device {dev}; slice: {len(cfgs)} networks (depths {depths}, widths {widths}), {epochs} epochs")
     warm = grid([2], [2], 2)  # one-time costs (imports, allocator, autograd engine) paid by neither side
     train_group([warm[0], warm[2]], device=dev, progress="quiet")
     fit(warm[1], device=dev, progress="quiet")

@@ -11,6 +11,7 @@ Prints, then ends with one ``name: value`` line per ratio (targets: <= 1.15):
 Usage: python bench/overhead.py [--device cuda] [--quick]
 """
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import compare, report  # noqa: E402
+from _timing import paired_ratio, report, rounds_of  # noqa: E402
 
 import alive  # noqa: E402
 from alive.functional import linked_relu  # noqa: E402
 from alive.models import MLP, RectCNN  # noqa: E402
+from alive.train import keep_freed_memory  # noqa: E402
 
 
 def activation_ratios(device, quick):
@@ -41,9 +43,10 @@ def activation_ratios(device, quick):
     def plain():
         torch.relu(x2).backward(g1)
 
-    t = compare({"linked": linked, "naive": naive, "relu": plain}, device=device, rounds=5 if quick else 9)
+    r = rounds_of({"linked": linked, "naive": naive, "relu": plain}, device=device, rounds=5 if quick else 15)
+    t = {k: statistics.median(v) for k, v in r.items()}
     print(f"activation fwd+bwd on {tuple(shape)} -> {tuple(x2.shape)}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
-    return {"linked_relu_vs_relu": t["linked"] / t["relu"], "linked_relu_vs_naive": t["linked"] / t["naive"]}
+    return {"linked_relu_vs_relu": paired_ratio(r, "linked", "relu"), "linked_relu_vs_naive": paired_ratio(r, "linked", "naive")}
 
 
 def step_ratio(make_model, x, y, device, quick, name):
@@ -63,10 +66,11 @@ def step_ratio(make_model, x, y, device, quick, name):
         loss.backward()
         opts[model].step()
 
-    t = compare({"plain": lambda: step(plain_model, False), "sep-up": lambda: step(sep_model, True)},
-                device=device, rounds=5 if quick else 9, repeat=3 if quick else 10)
+    r = rounds_of({"plain": lambda: step(plain_model, False), "sep-up": lambda: step(sep_model, True)},
+                  device=device, rounds=5 if quick else 15, repeat=3 if quick else 10)
+    t = {k: statistics.median(v) for k, v in r.items()}
     print(f"{name} training step: plain {t['plain'] * 1e3:.2f} ms, with Sep-UP {t['sep-up'] * 1e3:.2f} ms")
-    return t["sep-up"] / t["plain"]
+    return paired_ratio(r, "sep-up", "plain")
 
 
 def main():
@@ -75,7 +79,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a format check, not a measurement)")
     args = ap.parse_args()
     dev = args.device
-    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads")
+    kept = keep_freed_memory() if torch.device(dev).type == "cpu" else False  # as the trainers do
+    print(f"torch {torch.__version__}, allocator keeps freed memory: {kept}, device {dev}, {torch.get_num_threads()} threads")
     ratios = activation_ratios(dev, args.quick)
     b = 64 if args.quick else 256
     x = torch.randn(b, 2, device=dev)

@@ -26,7 +26,7 @@ from _timing import report, sync  # noqa: E402
 from alive.config import RunConfig  # noqa: E402
 from alive.data import Dataset  # noqa: E402
 from alive.models import build_model  # noqa: E402
-from alive.train import fit, make_optimizer  # noqa: E402
+from alive.train import fit, keep_freed_memory, make_optimizer  # noqa: E402
 
 
 def synthetic(n: int, n_test: int, device) -> Dataset:
@@ -69,7 +69,8 @@ def main():
     args = ap.parse_args()
     n = 256 if args.quick else 2048
     data = synthetic(n, 64, args.device)
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {n} images per epoch")
+    kept = keep_freed_memory() if torch.device(args.device).type == "cpu" else False  # as the trainers do
+    print(f"torch {torch.__version__}, allocator keeps freed memory: {kept}, device {args.device}, {torch.get_num_threads()} threads, {n} images per epoch")
     ratios = {}
     cases = {
         "depth_net": RunConfig(dataset="cifar10", model="depth", activation="lk-relu", epochs=1, batch_size=32, diagnostics=False, precision="fp32"),

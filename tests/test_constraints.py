@@ -172,3 +172,114 @@ def test_context_manager_options_and_conv():
     assert only.layers == [net[2]]
     with pytest.raises(RuntimeError, match="no forward pass"):
         only.penalty()
+
+
+def _reference_penalty(z, kind, rho, margin, aggregation, conv_reduction, mask=None):
+    """The formulas written out with autograd's amax/amin on one stacked tensor, per net."""
+    if z.dim() > 3 and conv_reduction == "channel":
+        zhi, zlo = z.amax((3, 4)), z.amin((3, 4))
+    else:
+        zhi = zlo = z
+    out = []
+    big = 1e30
+    for k, (dim, part) in enumerate(((1, "u"), (2, "p"))):
+        if part not in kind:
+            continue
+        hi_in, lo_in = zhi, zlo
+        if mask is not None and part == "p":
+            m = mask.bool().view(mask.shape[0], 1, mask.shape[1], *([1] * (zhi.dim() - 3)))
+            hi_in, lo_in = zhi.masked_fill(~m, -big), zlo.masked_fill(~m, big)
+        s = rho * torch.relu(margin - hi_in.amax(dim)) + (1 - rho) * torch.relu(margin + lo_in.amin(dim))
+        if aggregation == "squared_sum":
+            s = s.square()
+        n = s[0].numel()
+        if mask is not None and part == "u":
+            mu = mask.view(mask.shape + (1,) * (s.dim() - 2)).to(s.dtype)
+            s, n = s * mu, mu.expand_as(s).sum(tuple(range(1, s.dim())))
+        dims = tuple(range(1, s.dim()))
+        g = {"paper": s.sum(dims), "squared_sum": s.sum(dims), "mean": s.sum(dims) / n,
+             "norm": torch.linalg.vector_norm(s, dim=dims)}[aggregation]
+        out.append(g)
+    return sum(out)
+
+
+@pytest.mark.parametrize("kind", ["u", "p", "up"])
+@pytest.mark.parametrize("aggregation", ["paper", "squared_sum", "mean", "norm"])
+@pytest.mark.parametrize("conv_reduction", ["channel", "position"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_penalty_and_gradient_equal_the_written_out_formulas(kind, aggregation, conv_reduction, masked):
+    torch.manual_seed(3)
+    for shape in ((3, 6, 4), (3, 5, 4, 3, 3)):  # dense and conv stacks of 3 nets
+        z = (torch.randn(shape, dtype=torch.float64) * 0.8).requires_grad_(True)
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool() if masked else None
+        zr = z.detach().clone().requires_grad_(True)
+        ref = _reference_penalty(zr, kind, 0.6, 1.0, aggregation, conv_reduction, mask)
+        for ties in ("split", "first"):
+            z.grad = None
+            g_u, g_p = stacked_separation_penalty(z, kind, 0.6, 1.0, aggregation, conv_reduction, unit_mask=mask, ties=ties)
+            got = sum(g for g in (g_u, g_p) if g is not None)
+            assert torch.allclose(got, ref)
+            weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+            (gz,) = torch.autograd.grad((got * weights).sum(), z)
+            (gr,) = torch.autograd.grad((ref * weights).sum(), zr, retain_graph=True)
+            assert torch.allclose(gz, gr), (shape, ties)
+
+
+def test_layers_as_a_sequence_equal_the_stacked_tensor():
+    torch.manual_seed(4)
+    for shape in ((7, 3), (5, 4, 6, 6)):
+        zs = [(torch.randn(shape, dtype=torch.float64) * 0.5).requires_grad_(True) for _ in range(4)]
+        stacked = torch.stack(zs).detach().requires_grad_(True)
+        a = stacked_separation_penalty(zs)
+        b = stacked_separation_penalty(stacked)
+        assert all(torch.allclose(x, y) for x, y in zip(a, b))
+        (a[0].sum() + 2 * a[1].sum()).backward()
+        (b[0].sum() + 2 * b[1].sum()).backward()
+        for k, z in enumerate(zs):
+            assert torch.allclose(z.grad, stacked.grad[k])
+
+
+def test_conv_gradient_reaches_only_the_extreme_positions_and_splits_their_ties():
+    z = torch.full((2, 1, 3, 3), 0.5, requires_grad=True)  # 9 tied positions per (point, channel)
+    with torch.no_grad():
+        z[0, 0, 1, 1] = 0.9  # the unique max of point 0 ...
+        z[1, 0, 0, 0] = -0.2  # ... and the unique min of point 1
+    separation_penalty(z, "u").backward()
+    # unit max 0.9 (point 0, centre): d/dmax = -1/2; unit min -0.2 (point 1, corner): d/dmin = +1/2
+    expected = torch.zeros(2, 1, 3, 3)
+    expected[0, 0, 1, 1], expected[1, 0, 0, 0] = -0.5, 0.5
+    assert torch.equal(z.grad, expected)
+    z.grad = None
+    separation_penalty(z, "p").backward()
+    # point 0: max 0.9 unique (-1/2), min 0.5 shared by its 8 other positions (+1/2 / 8);
+    # point 1: max 0.5 shared by 8 positions (-1/2 / 8), min -0.2 unique (+1/2)
+    expected = torch.full((2, 1, 3, 3), 0.0)
+    expected[0] = 0.5 / 8
+    expected[0, 0, 1, 1] = -0.5
+    expected[1] = -0.5 / 8
+    expected[1, 0, 0, 0] = 0.5
+    assert torch.allclose(z.grad, expected)
+
+
+def test_no_active_hinge_gives_a_zero_gradient():
+    z = torch.tensor([[3.0, -3.0], [-3.0, 3.0]]).view(2, 2, 1, 1).expand(2, 2, 2, 2).clone().requires_grad_(True)
+    pen = separation_penalty(z, "up")
+    assert pen.item() == 0.0
+    pen.backward()
+    assert torch.count_nonzero(z.grad) == 0
+
+
+def test_channels_last_feature_maps_give_the_same_penalty_and_gradient():
+    torch.manual_seed(5)
+    zs = [(torch.randn(6, 3, 5, 5) * 0.4) for _ in range(2)]
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        ts = [z.clone(memory_format=fmt).requires_grad_(True) for z in zs]
+        g_u, g_p = stacked_separation_penalty(ts)
+        (g_u.sum() + g_p.sum()).backward()
+        grads.append(([t.grad for t in ts], g_u.detach(), g_p.detach()))
+        assert all(t.grad.is_contiguous(memory_format=fmt) for t in ts)
+    (ga, ua, pa), (gb, ub, pb) = grads
+    assert torch.allclose(ua, ub) and torch.allclose(pa, pb)
+    assert all(torch.allclose(a, b) for a, b in zip(ga, gb))
+    assert any(torch.count_nonzero(a) > 0 for a in ga)

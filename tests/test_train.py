@@ -86,3 +86,22 @@ def test_conv_training_step_on_cifar(data_dir):
     rec = fit(cfg, progress="quiet")
     assert rec["status"] == "ok" and len(rec["diagnostics"]["dead_neurons"]) == 4
     assert "cifar10_subset.npz" in rec["data_source"]
+
+
+def test_keep_freed_memory_sets_glibc_and_can_be_switched_off(monkeypatch):
+    import ctypes
+    import sys
+
+    from alive.train import keep_freed_memory
+
+    monkeypatch.setenv("ALIVE_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("ALIVE_KEEP_FREED_MEMORY")
+    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"):
+        pytest.skip("glibc's mallopt is not available here")
+    assert keep_freed_memory() is True
+    # memory freed by a large tensor is reused by the next one of that size
+    big = torch.empty(4 << 20)
+    address = big.data_ptr()
+    del big
+    assert torch.empty(4 << 20).data_ptr() == address

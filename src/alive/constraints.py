@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import AGGREGATIONS, CONV_REDUCTIONS, KINDS, stacked_separation_penalty
+from .functional import AGGREGATIONS, CONV_REDUCTIONS, KINDS, TIES, stacked_separation_penalty
 
 __all__ = ["SeparationConstraint", "hidden_layers", "WEIGHTED_TYPES"]
 
@@ -97,6 +97,11 @@ class SeparationConstraint:
         kind: ``"u"``, ``"p"`` or ``"up"``.
         weight: λ.
         rho, margin, aggregation, conv_reduction, include_output, layers: see above.
+        ties: how the gradient of an extreme reaches tied pre-activations (several points with
+            the same maximum, as dead points or zero initialisation make): ``"split"`` shares
+            it equally (TensorFlow's ``reduce_max``, the authors' Keras code; the default),
+            ``"first"`` gives it to one of them (``torch.max``, their PyTorch code; faster).
+            Identical whenever the extremes are unique.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -116,6 +121,7 @@ class SeparationConstraint:
         conv_reduction: str = "channel",
         include_output: bool = False,
         layers: Sequence[nn.Module] | None = None,
+        ties: str = "split",
     ):
         if kind not in KINDS:
             raise ValueError(f"unknown separation kind {kind!r}; choose one of {KINDS}")
@@ -123,12 +129,14 @@ class SeparationConstraint:
             raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
         if conv_reduction not in CONV_REDUCTIONS:
             raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose one of {CONV_REDUCTIONS}")
+        if ties not in TIES:
+            raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must lie in [0, 1], got {rho}")
         if weight < 0:
             raise ValueError(f"weight (lambda) must be non-negative, got {weight}")
         self.kind, self.weight, self.rho, self.margin = kind, float(weight), float(rho), float(margin)
-        self.aggregation, self.conv_reduction = aggregation, conv_reduction
+        self.aggregation, self.conv_reduction, self.ties = aggregation, conv_reduction, ties
         self.layers = list(layers) if layers is not None else hidden_layers(model, include_output)
         if not self.layers:
             raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
@@ -160,10 +168,8 @@ class SeparationConstraint:
             groups.setdefault((tuple(z.shape), z.dtype, z.device), []).append(i)
         out = []
         for idx in groups.values():
-            zs = [self._captured[i] for i in idx]
-            stacked = zs[0].unsqueeze(0) if len(zs) == 1 else torch.stack(zs)
             g_u, g_p = stacked_separation_penalty(
-                stacked,
+                [self._captured[i] for i in idx],
                 self.kind,
                 self.rho,
                 self.margin,
@@ -171,6 +177,7 @@ class SeparationConstraint:
                 self.conv_reduction,
                 reduce_extremes=_global_extremes if sync else None,
                 gather_points=_global_points if sync else None,
+                ties=self.ties,
             )
             out.append((idx, g_u, g_p))
         return out
@@ -213,5 +220,5 @@ class SeparationConstraint:
         return (
             f"SeparationConstraint(kind={self.kind!r}, weight={self.weight:g}, rho={self.rho:g}, "
             f"margin={self.margin:g}, aggregation={self.aggregation!r}, "
-            f"conv_reduction={self.conv_reduction!r}, layers={len(self.layers)})"
+            f"conv_reduction={self.conv_reduction!r}, ties={self.ties!r}, layers={len(self.layers)})"
         )

@@ -113,44 +113,134 @@ def _stack(z: Tensor) -> Tensor:
     return z.unsqueeze(0)
 
 
-def _spatial(z: Tensor, conv_reduction: str) -> tuple[int, ...]:
-    return tuple(range(3, z.dim())) if conv_reduction == "channel" else ()
-
-
 TIES = ("split", "first")
 
 
-class _DenseExtremes(torch.autograd.Function):
-    """Per-unit (over points) and per-point (over real units) max and min of a dense stack
-    ``(nets, points, units)``, returned concatenated as ``hi = [hi_u | hi_p]`` and
-    ``lo = [lo_u | lo_p]`` of shape ``(nets, units + points)``; the gradient of each extreme
-    goes to one arg-extreme.
+class _Extremes(torch.autograd.Function):
+    """Every extreme behind the slacks of one layer, for a group of nets, in one function.
 
-    One function for all four so that the backward is a single zero tensor and four small
-    scatters instead of dense comparisons per extreme (the grid engine's hot path on a CPU).
-    ``point_fill`` is ``(nets, 1, units)``: 0 for real units, a huge value for padded ones.
+    Input: the layer's pre-activations, either one stacked tensor ``(nets, points, units,
+    *spatial)`` or (``layers=True``) several same-shaped ``(points, units, *spatial)`` tensors,
+    one per net (the layers of one network that share a shape: no stacked copy is made).
+    Spatial positions are reduced first (channel reduction: a unit is a channel), then the
+    per-unit (over points) and per-point (over real units) max and min come out concatenated
+    as ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]``, shape ``(nets, units + points)``.
+    ``fill`` is ``(nets, 1, units)``: 0 for real units, a huge value for padded ones.
+
+    Why a function of its own: autograd's ``amax`` backward makes several dense passes over
+    the feature maps per extreme, which cost more than the network's own backward on a CPU.
+    Here the gradient of an extreme over positions is non-zero only where a hinge is active
+    (at most units + points rows of a layer), so only those rows are computed; ties are shared
+    equally (``ties="split"``, like TensorFlow's ``reduce_max``) or, over points and units,
+    given to one arg-extreme (``"first"``, a few scatters). Ties over positions always split.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, point_fill: Tensor | None):
-        (hu, iu), (lu, ju) = z.max(1), z.min(1)
-        zh = z if point_fill is None else z - point_fill
-        zl = z if point_fill is None else z + point_fill
-        (hp, ip), (lp, jp) = zh.max(2), zl.min(2)
-        ctx.save_for_backward(iu, ju, ip, jp)
-        ctx.shape, ctx.units = z.shape, z.shape[2]
+    def forward(ctx, ties: str, fill: Tensor | None, layers: bool, *zs: Tensor):
+        lead = 2 if layers else 3
+        spatial = zs[0].dim() > lead
+        flats, his, los = [], [], []
+        for z in zs:
+            if spatial:  # any memory layout (channels_last too), no copy
+                positions = tuple(range(lead, z.dim()))
+                flats.append(z)
+                his.append(z.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
+                los.append(z.amin(positions))
+            else:
+                his.append(z)
+        if layers:
+            hs = torch.stack(his)
+            ls = torch.stack(los) if spatial else hs
+        else:
+            hs = his[0] if len(his) == 1 else torch.cat(his)
+            ls = (los[0] if len(los) == 1 else torch.cat(los)) if spatial else hs
+        hp_in = hs if fill is None else hs - fill
+        lp_in = ls if fill is None else ls + fill
+        if ties == "first":
+            (hu, iu), (lu, ju) = hs.max(1), ls.min(1)
+            (hp, ip), (lp, jp) = hp_in.max(2), lp_in.min(2)
+            ctx.save_for_backward(iu, ju, ip, jp, *flats, hs, ls)
+        else:
+            # (max/min over dim 1 and amax/amin over dim 2 are the faster kernels on a CPU)
+            hu, lu, hp, lp = hs.max(1).values, ls.min(1).values, hp_in.amax(2), lp_in.amin(2)
+            ctx.save_for_backward(hs, ls, hp_in, lp_in, hu, lu, hp, lp, *flats)
+        ctx.ties, ctx.layers, ctx.spatial, ctx.units = ties, layers, spatial, hs.shape[2]
+        ctx.sizes = [1 if layers else z.shape[0] for z in zs]
         return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
 
     @staticmethod
     def backward(ctx, ghi: Tensor, glo: Tensor):
-        iu, ju, ip, jp = ctx.saved_tensors
+        saved = ctx.saved_tensors
         w = ctx.units
-        g = ghi.new_zeros(ctx.shape)
-        g.scatter_add_(1, iu.unsqueeze(1), ghi[:, :w].unsqueeze(1))
-        g.scatter_add_(1, ju.unsqueeze(1), glo[:, :w].unsqueeze(1))
-        g.scatter_add_(2, ip.unsqueeze(2), ghi[:, w:].unsqueeze(2))
-        g.scatter_add_(2, jp.unsqueeze(2), glo[:, w:].unsqueeze(2))
-        return g, None
+        ghu, ghp, glu, glp = ghi[:, :w], ghi[:, w:], glo[:, :w], glo[:, w:]
+        if ctx.ties == "first":
+            iu, ju, ip, jp = saved[:4]
+            flats, hs, ls = saved[4:-2], saved[-2], saved[-1]
+            gh = ghi.new_zeros(hs.shape)
+            gl = gh if not ctx.spatial else ghi.new_zeros(ls.shape)
+            gh.scatter_add_(1, iu.unsqueeze(1), ghu.unsqueeze(1))
+            gl.scatter_add_(1, ju.unsqueeze(1), glu.unsqueeze(1))
+            gh.scatter_add_(2, ip.unsqueeze(2), ghp.unsqueeze(2))
+            gl.scatter_add_(2, jp.unsqueeze(2), glp.unsqueeze(2))
+        else:
+            hs, ls, hp_in, lp_in, hu, lu, hp, lp = saved[:8]
+            flats = saved[8:]
+            gh = _share(hp_in, hp, ghp, 2, _share(hs, hu, ghu, 1))
+            gl = _share(lp_in, lp, glp, 2, _share(ls, lu, glu, 1, None if ctx.spatial else gh))
+            if not ctx.spatial:
+                gh = gl if gl is not None else hs.new_zeros(hs.shape)
+            else:
+                gh = hs.new_zeros(hs.shape) if gh is None else gh
+                gl = ls.new_zeros(ls.shape) if gl is None else gl
+        grads: list[Tensor] = []
+        if not ctx.spatial:
+            parts = gh.unbind(0) if ctx.layers else gh.split(ctx.sizes)
+            grads = list(parts)
+        else:
+            start = 0
+            for z, size in zip(flats, ctx.sizes):
+                rows = slice(start, start + size)
+                start += size
+                lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape
+                grads.append(_spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
+        return (None, None, None, *grads)
+
+
+def _share(x: Tensor, ext: Tensor, g: Tensor, dim: int, acc: Tensor | None = None) -> Tensor | None:
+    """Add to ``acc`` the gradient ``g`` of ``ext = x.amax(dim)`` (or amin), shared equally
+    among the tied entries. Inactive hinges give ``g == 0``: on a CPU that costs no pass."""
+    if g.device.type == "cpu" and not g.any():
+        return acc
+    tied = (x == ext.unsqueeze(dim)).to(x.dtype)
+    part = tied.mul_((g / tied.sum(dim)).unsqueeze(dim))
+    return part if acc is None else acc.add_(part)
+
+
+def _spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor:
+    """Gradient of ``z.amax(positions)`` and ``z.amin(positions)`` (``g_hi``, ``g_lo`` have the
+    shape of the leading dimensions); ties among positions share it. On a CPU only the
+    (point, unit) rows whose extremes have a non-zero gradient are computed."""
+    lead = g_hi.dim()
+    positions = tuple(range(lead, z.dim()))
+    # same layout as z and not a view: autograd adds the activation's gradient into it in place
+    out = torch.zeros_like(z)
+    for g, pick in ((g_hi, torch.amax), (g_lo, torch.amin)):
+        if z.device.type == "cpu":
+            rows = g.reshape(-1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            index = torch.unravel_index(rows, g.shape)
+            sub, g = z[index], g[index]  # (rows, *positions)
+            dims = tuple(range(1, sub.dim()))
+        else:  # no host synchronisation on an accelerator, where a dense pass is cheap
+            index, sub, dims = None, z, positions
+        tied = sub == pick(sub, dims, keepdim=True)
+        part = tied * (g / tied.sum(dims)).view(g.shape + (1,) * len(dims))
+        if index is None:
+            out.add_(part)
+        else:
+            out.index_put_(index, part, accumulate=True)
+    return out
 
 
 def dense_separation_penalty(
@@ -176,7 +266,7 @@ def dense_separation_penalty(
     if aggregation not in ("paper", "squared_sum", "mean"):
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     n, b, w = z.shape
-    hi, lo = _DenseExtremes.apply(z, point_fill)
+    hi, lo = _Extremes.apply("first", point_fill, False, z)
     s = rho * torch.relu(margin - hi) + (1.0 - rho) * torch.relu(margin + lo)
     if aggregation == "squared_sum":
         s = s * s
@@ -189,7 +279,7 @@ def dense_separation_penalty(
 
 
 def separation_extremes(
-    z: Tensor,
+    z: Tensor | Sequence[Tensor],
     kind: str = "up",
     conv_reduction: str = "channel",
     unit_mask: Tensor | None = None,
@@ -197,47 +287,58 @@ def separation_extremes(
 ) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
     """The max and min behind every slack of one layer: ``((hi_u, lo_u), (hi_p, lo_p))``.
 
-    ``z`` is stacked ``(nets, points, units, *spatial)``. Sep-U extremes run over the points
-    (and, for ``conv_reduction="channel"``, the positions): shape ``(nets, units[, *spatial])``;
-    Sep-P extremes over the units (and positions): ``(nets, points[, *spatial])``. Padded units
+    ``z`` is stacked ``(nets, points, units, *spatial)``, or a sequence of same-shaped
+    ``(points, units, *spatial)`` tensors taken as the nets of a stack (one network's layers of
+    one shape; no stacked copy is made). Sep-U extremes run over the points (and, for
+    ``conv_reduction="channel"``, the positions): shape ``(nets, units[, *spatial])``; Sep-P
+    extremes over the units (and positions): ``(nets, points[, *spatial])``. Padded units
     (``unit_mask`` false) never take part in a point's extremes. ``None`` for a kind not asked.
 
-    ``ties="split"`` shares the gradient equally among tied extremes (``amax``/``amin``, like
-    TensorFlow's ``reduce_max`` that the authors used; this matters for zero initialisation,
-    where every pre-activation ties). With ``"channel"`` reduction the positions are reduced
-    first, so ties are shared among points, then among each point's tied positions. ``"first"`` gives it to one of them: identical whenever
-    extremes are unique, and about twice as fast on a CPU (dense layers only; conv layers
-    with ``"channel"`` reduction always split).
+    ``ties="split"`` shares the gradient equally among tied extremes (like TensorFlow's
+    ``reduce_max`` that the authors used; this matters for zero initialisation, where every
+    pre-activation ties). With ``"channel"`` reduction the positions are reduced first, so
+    ties are shared among points, then among each point's tied positions. ``"first"`` gives
+    it to one of the tied points or units: identical whenever extremes are unique, and faster
+    (the positions of a channel still split).
     """
+    want_u, want_p = "u" in kind, "p" in kind
+    joint = _joint_extremes(z, conv_reduction, unit_mask, ties)
+    if joint is None:
+        return _position_extremes(z if isinstance(z, Tensor) else torch.stack(list(z)), want_u, want_p, unit_mask)
+    hi, lo, units = joint
+    u = (hi[:, :units], lo[:, :units]) if want_u else None
+    p = (hi[:, units:], lo[:, units:]) if want_p else None
+    return u, p
+
+
+def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str) -> tuple[Tensor, Tensor, int] | None:
+    """``(hi, lo, units)`` with ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]`` of shape
+    ``(nets, units + points)`` (see :class:`_Extremes`); ``None`` for ``"position"`` reduction."""
     if ties not in TIES:
         raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
-    want_u, want_p = "u" in kind, "p" in kind
-    mask = None
+    layers = not isinstance(z, Tensor)
+    zs = list(z) if layers else [z]
+    if not zs or any(t.shape != zs[0].shape for t in zs):
+        raise ValueError("separation extremes need one stacked tensor or same-shaped layers")
+    if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
+        return None
+    fill = None
     if unit_mask is not None:
-        mask = unit_mask.bool().reshape(unit_mask.shape[0], 1, unit_mask.shape[1], *([1] * (z.dim() - 3)))
-    if ties == "first" and z.dim() == 3:
-        fill = None if mask is None else (~mask).to(z.dtype) * _BIG
-        hi, lo = _DenseExtremes.apply(z, fill)
-        w = z.shape[2]
-        u = (hi[:, :w], lo[:, :w]) if want_u else None
-        p = (hi[:, w:], lo[:, w:]) if want_p else None
-        return u, p
-    u = p = None
-    sp = _spatial(z, conv_reduction)
-    if sp:
-        # reduce the positions once, then points or units on the small (nets, points, units)
-        # tensors: two passes over the feature maps instead of four (ties split level by level)
-        zhi, zlo = z.amax(sp), z.amin(sp)
-    else:
-        zhi = zlo = z
-    if want_u:
-        u = (zhi.amax(1), zlo.amin(1))
+        fill = (~unit_mask.bool()).to(zs[0].dtype).unsqueeze(1) * _BIG
+    hi, lo = _Extremes.apply(ties, fill, layers, *zs)
+    return hi, lo, zs[0].shape[1 if layers else 2]
+
+
+def _position_extremes(z: Tensor, want_u: bool, want_p: bool, unit_mask: Tensor | None):
+    """Every spatial position its own unit and point (the authors' Keras code); ties split."""
+    u = (z.amax(1), z.amin(1)) if want_u else None
+    p = None
     if want_p:
-        if mask is None:
-            p = (zhi.amax(2), zlo.amin(2))
+        if unit_mask is None:
+            p = (z.amax(2), z.amin(2))
         else:
-            m = mask.reshape(mask.shape[:3]) if sp else mask
-            p = (zhi.masked_fill(~m, -_BIG).amax(2), zlo.masked_fill(~m, _BIG).amin(2))
+            m = unit_mask.bool().reshape(unit_mask.shape[0], 1, unit_mask.shape[1], *([1] * (z.dim() - 3)))
+            p = (z.masked_fill(~m, -_BIG).amax(2), z.masked_fill(~m, _BIG).amin(2))
     return u, p
 
 
@@ -321,7 +422,7 @@ def aggregate(s: Tensor, aggregation: str, count: Tensor | float | None = None) 
 
 
 def stacked_separation_penalty(
-    z: Tensor,
+    z: Tensor | Sequence[Tensor],
     kind: str = "up",
     rho: float = 0.5,
     margin: float = 1.0,
@@ -334,10 +435,28 @@ def stacked_separation_penalty(
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(g_U, g_P)`` of one layer for each stacked net, shape ``(nets,)`` each (``None`` if not in ``kind``).
 
+    ``z``: stacked ``(nets, points, units, *spatial)`` or a sequence of same-shaped layers
+    (see :func:`separation_extremes`).
+
     ``reduce_extremes`` and ``gather_points`` let data-parallel training see the global batch:
     the first merges per-unit extremes across processes, the second concatenates per-point
     terms along dimension 1. See :func:`separation_extremes` for ``unit_mask`` and ``ties``.
     """
+    if kind == "up" and reduce_extremes is None and gather_points is None and aggregation != "norm":
+        joint = _joint_extremes(z, conv_reduction, unit_mask, ties)
+        if joint is not None:  # every slack of the layer from one (nets, units + points) tensor
+            hi, lo, units = joint
+            s = combine_slacks(*_slacks(hi, lo, margin), rho)
+            if aggregation == "squared_sum":
+                s = s.square()
+            s_u, s_p = s[:, :units], s[:, units:]
+            if unit_mask is not None:
+                s_u = s_u * unit_mask.to(s.dtype)
+            g_u, g_p = s_u.sum(1), s_p.sum(1)
+            if aggregation == "mean":
+                g_u = g_u / (units if unit_mask is None else unit_mask.to(s.dtype).sum(1))
+                g_p = g_p / s_p.shape[1]
+            return g_u, g_p
     u, p = separation_extremes(z, kind, conv_reduction, unit_mask, ties)
     g_u = g_p = None
     if u is not None:

@@ -41,7 +41,18 @@ from .activations import make_activation, parse_activation
 from .config import RunConfig
 from .functional import _BIG, dense_separation_penalty, stacked_separation_penalty
 from .models import build_model, count_parameters
-from .train import _autocast, _environment, _fp32_matmuls, _thin, load_data, lr_factor, make_optimizer, resolve_device, resolve_precision
+from .train import (
+    _autocast,
+    _environment,
+    _fp32_matmuls,
+    _thin,
+    keep_freed_memory,
+    load_data,
+    lr_factor,
+    make_optimizer,
+    resolve_device,
+    resolve_precision,
+)
 
 __all__ = ["can_batch", "group_configs", "train_group", "GridStack"]
 
@@ -495,6 +506,8 @@ def train_group(
     if len(keys) != 1:
         raise ValueError("train_group needs configurations that differ only in depth, width, constraint, weight, seed")
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     cfg0 = configs[0]
     precision = resolve_precision(cfg0.precision, dev)
     _fp32_matmuls(dev, precision)
