@@ -139,11 +139,11 @@ class _Extremes(torch.autograd.Function):
     def forward(ctx, ties: str, fill: Tensor | None, layers: bool, *zs: Tensor):
         lead = 2 if layers else 3
         spatial = zs[0].dim() > lead
-        flats, his, los = [], [], []
+        maps, his, los = [], [], []
         for z in zs:
             if spatial:  # any memory layout (channels_last too), no copy
                 positions = tuple(range(lead, z.dim()))
-                flats.append(z)
+                maps.append(z)
                 his.append(z.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
                 los.append(z.amin(positions))
             else:
@@ -159,11 +159,11 @@ class _Extremes(torch.autograd.Function):
         if ties == "first":
             (hu, iu), (lu, ju) = hs.max(1), ls.min(1)
             (hp, ip), (lp, jp) = hp_in.max(2), lp_in.min(2)
-            ctx.save_for_backward(iu, ju, ip, jp, *flats, hs, ls)
+            ctx.save_for_backward(iu, ju, ip, jp, *maps, hs, ls)
         else:
             # (max/min over dim 1 and amax/amin over dim 2 are the faster kernels on a CPU)
             hu, lu, hp, lp = hs.max(1).values, ls.min(1).values, hp_in.amax(2), lp_in.amin(2)
-            ctx.save_for_backward(hs, ls, hp_in, lp_in, hu, lu, hp, lp, *flats)
+            ctx.save_for_backward(hs, ls, hp_in, lp_in, hu, lu, hp, lp, *maps)
         ctx.ties, ctx.layers, ctx.spatial, ctx.units = ties, layers, spatial, hs.shape[2]
         ctx.sizes = [1 if layers else z.shape[0] for z in zs]
         return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
@@ -175,7 +175,7 @@ class _Extremes(torch.autograd.Function):
         ghu, ghp, glu, glp = ghi[:, :w], ghi[:, w:], glo[:, :w], glo[:, w:]
         if ctx.ties == "first":
             iu, ju, ip, jp = saved[:4]
-            flats, hs, ls = saved[4:-2], saved[-2], saved[-1]
+            maps, hs, ls = saved[4:-2], saved[-2], saved[-1]
             gh = ghi.new_zeros(hs.shape)
             gl = gh if not ctx.spatial else ghi.new_zeros(ls.shape)
             gh.scatter_add_(1, iu.unsqueeze(1), ghu.unsqueeze(1))
@@ -184,7 +184,7 @@ class _Extremes(torch.autograd.Function):
             gl.scatter_add_(2, jp.unsqueeze(2), glp.unsqueeze(2))
         else:
             hs, ls, hp_in, lp_in, hu, lu, hp, lp = saved[:8]
-            flats = saved[8:]
+            maps = saved[8:]
             gh = _share(hp_in, hp, ghp, 2, _share(hs, hu, ghu, 1))
             gl = _share(lp_in, lp, glp, 2, _share(ls, lu, glu, 1, None if ctx.spatial else gh))
             if not ctx.spatial:
@@ -198,7 +198,7 @@ class _Extremes(torch.autograd.Function):
             grads = list(parts)
         else:
             start = 0
-            for z, size in zip(flats, ctx.sizes):
+            for z, size in zip(maps, ctx.sizes):
                 rows = slice(start, start + size)
                 start += size
                 lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape

@@ -31,7 +31,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -328,12 +328,13 @@ class GridStack(nn.Module):
             out = out + self.coef_p[:n] * g_p
         return out
 
-    def forward(self, x: Tensor, train: bool = True, dropout_p: float = 0.0, gen=None, capture: bool = False):
-        """Logits ``(nets, points, classes)``, the per-net penalty ``(nets,)`` and, with ``capture``,
-        each layer's pre-activations and activations (canonical layout)."""
+    def forward(self, x: Tensor, train: bool = True, dropout_p: float = 0.0, gen=None,
+                on_layer: Callable[[int, Tensor, Tensor], None] | None = None):
+        """Logits ``(nets, points, classes)`` and the per-net penalty ``(nets,)``. ``on_layer(l,
+        z, a)`` sees each layer's pre-activations and activations (canonical layout) as they
+        are made, so a diagnostic holds one layer at a time, not the whole network's."""
         wm, fac = self.wm, self.fac
         finished: list[Tensor] = []
-        captured: list[tuple[Tensor, Tensor]] = []
         pen = x.new_zeros(self.n)
         want_pen = train and (self.any_u or self.any_p)
         if self.conv:
@@ -366,8 +367,8 @@ class GridStack(nn.Module):
             a = self.activation(zc)
             if self.mask_output:
                 a = a * self.unit_mask[:n].repeat(1, fac).view(self.layout.unit_shape(n, wm * fac))
-            if capture:
-                captured.append((z_pre, a))
+            if on_layer is not None:
+                on_layer(l, z_pre, a)
             nxt = self.active[l + 1] if l + 1 < depth else 0
             if self.conv:
                 a = a.reshape(a.shape[0], n * wm * fac, *a.shape[3:])
@@ -386,7 +387,7 @@ class GridStack(nn.Module):
         if self.dropout and train:
             feats = self._dropout(feats, dropout_p, gen)
         logits = torch.baddbmm(self.head_b, feats, self.head_w)
-        return (logits, pen, captured) if capture else (logits, pen)
+        return logits, pen
 
 
 def _ce_acc(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -422,29 +423,31 @@ def _diagnostics(stack: GridStack, x: Tensor, batch: int) -> list[dict]:
     slope_alive: dict[int, Tensor] = {}
     dead_pts: dict[int, list[Tensor]] = defaultdict(list)
     members = list(stack.activation.members) if stack.fac == 2 else []
+
+    def reduce(l: int, z: Tensor, a: Tensor) -> None:
+        zs = stack.layout.stacked(z)  # (n_l, B, wm, *sp)
+        az = stack.layout.stacked(a)
+        red = (1,) + tuple(range(3, zs.dim()))
+        zmax, zmin = zs.amax(red), zs.amin(red)
+        hi[l] = zmax if l not in hi else torch.maximum(hi[l], zmax)
+        lo[l] = zmin if l not in lo else torch.minimum(lo[l], zmin)
+        nz = (az != 0).any(dim=red)
+        out_alive[l] = nz if l not in out_alive else out_alive[l] | nz
+        m = stack.unit_mask[: zs.shape[0]].bool().view(zs.shape[0], 1, wm, *([1] * (zs.dim() - 3)))
+        pmax = zs.masked_fill(~m, -math.inf).flatten(2).amax(2)  # (n_l, B)
+        dead_pts[l].append(pmax <= 0)
+        if members:
+            with torch.enable_grad():
+                zz = zs.detach().requires_grad_(True)
+                slope = torch.zeros_like(zmax, dtype=torch.bool)
+                for g in members:
+                    (d,) = torch.autograd.grad(g(zz).sum(), zz, allow_unused=True)
+                    if d is not None:
+                        slope |= (d != 0).any(dim=red)
+            slope_alive[l] = slope if l not in slope_alive else slope_alive[l] | slope
+
     for s in range(0, x.shape[0], batch):
-        _, _, cap = stack(x[s : s + batch], train=False, capture=True)
-        for l, (z, a) in enumerate(cap):
-            zs = stack.layout.stacked(z)  # (n_l, B, wm, *sp)
-            az = stack.layout.stacked(a)
-            red = (1,) + tuple(range(3, zs.dim()))
-            zmax, zmin = zs.amax(red), zs.amin(red)
-            hi[l] = zmax if l not in hi else torch.maximum(hi[l], zmax)
-            lo[l] = zmin if l not in lo else torch.minimum(lo[l], zmin)
-            nz = (az != 0).any(dim=red)
-            out_alive[l] = nz if l not in out_alive else out_alive[l] | nz
-            m = stack.unit_mask[: zs.shape[0]].bool().view(zs.shape[0], 1, wm, *([1] * (zs.dim() - 3)))
-            pmax = zs.masked_fill(~m, -math.inf).flatten(2).amax(2)  # (n_l, B)
-            dead_pts[l].append(pmax <= 0)
-            if members:
-                with torch.enable_grad():
-                    zz = zs.detach().requires_grad_(True)
-                    slope = torch.zeros_like(zmax, dtype=torch.bool)
-                    for g in members:
-                        (d,) = torch.autograd.grad(g(zz).sum(), zz, allow_unused=True)
-                        if d is not None:
-                            slope |= (d != 0).any(dim=red)
-                slope_alive[l] = slope if l not in slope_alive else slope_alive[l] | slope
+        stack(x[s : s + batch], train=False, on_layer=reduce)
     results = []
     for i in range(n):
         width, depth = stack.widths[i], stack.depths[i]
