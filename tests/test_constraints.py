@@ -91,10 +91,9 @@ def test_dense_fast_path_equals_reference_with_padding():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float64)
     z = z * mask[:, None, :]  # padded units are exactly zero in the grid engine
     cu, cp = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64)
-    fill = (1 - mask).unsqueeze(1) * 1e30
     for agg in ("paper", "squared_sum", "mean"):
         zz = z.clone().requires_grad_(True)
-        fast = dense_separation_penalty(zz, cu, cp, 0.5, 1.0, agg, point_fill=fill, unit_weight=mask)
+        fast = dense_separation_penalty(zz, cu, cp, 0.5, 1.0, agg, padded=(mask == 0).unsqueeze(1), unit_weight=mask)
         g_u, g_p = stacked_separation_penalty(z, "up", aggregation=agg, unit_mask=mask.bool())
         assert torch.allclose(fast, cu * g_u + cp * g_p)
         fast.sum().backward()
@@ -283,3 +282,20 @@ def test_channels_last_feature_maps_give_the_same_penalty_and_gradient():
     assert torch.allclose(ua, ub) and torch.allclose(pa, pb)
     assert all(torch.allclose(a, b) for a, b in zip(ga, gb))
     assert any(torch.count_nonzero(a) > 0 for a in ga)
+
+
+def test_bfloat16_tie_counts_are_exact():
+    z = torch.zeros(1, 257, 1, dtype=torch.bfloat16, requires_grad=True)  # 257 tied points
+    (g_u, _) = stacked_separation_penalty(z, "u", rho=1.0, ties="split")
+    g_u.sum().backward()
+    assert z.grad.float().sum().item() == pytest.approx(-1.0, abs=1e-3)  # a rounded count of 256 gives -1.0039
+
+
+def test_padded_units_never_leak_into_a_point_even_when_not_finite():
+    inf, nan = float("inf"), float("nan")
+    z = torch.tensor([[[0.3, -0.2, inf], [0.1, 0.5, nan]]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]]).bool()
+    for ties in ("split", "first"):
+        _, g_p = stacked_separation_penalty(z, "p", unit_mask=mask, ties=ties)
+        # point 0: max 0.3, min -0.2 -> (0.7 + 0.8) / 2; point 1: max 0.5, min 0.1 -> (0.5 + 1.1) / 2
+        assert g_p.item() == pytest.approx(0.75 + 0.8)

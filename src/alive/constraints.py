@@ -101,7 +101,8 @@ class SeparationConstraint:
             the same maximum, as dead points or zero initialisation make): ``"split"`` shares
             it equally (TensorFlow's ``reduce_max``, the authors' Keras code; the default),
             ``"first"`` gives it to one of them (``torch.max``, their PyTorch code; faster).
-            Identical whenever the extremes are unique.
+            Identical whenever the extremes are unique; ``conv_reduction="position"`` always
+            splits.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -158,7 +159,7 @@ class SeparationConstraint:
         return list(self._captured)
 
     def _stacked_terms(self) -> list[tuple[list[int], Tensor | None, Tensor | None]]:
-        """Layers of the same shape are stacked and done in one pass (a deep thin net costs a
+        """Layers of the same shape are penalised together in one pass (a deep thin net costs a
         handful of operations instead of a handful per layer): ``(layer indices, g_U, g_P)``."""
         if not self._captured:
             raise RuntimeError("no forward pass has been recorded since the constraint was attached")

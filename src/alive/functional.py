@@ -11,6 +11,7 @@ formulas live in exactly one place.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -121,22 +122,27 @@ class _Extremes(torch.autograd.Function):
 
     Input: the layer's pre-activations, either one stacked tensor ``(nets, points, units,
     *spatial)`` or (``layers=True``) several same-shaped ``(points, units, *spatial)`` tensors,
-    one per net (the layers of one network that share a shape: no stacked copy is made).
+    one per net (the layers of one network that share a shape: their feature maps are reduced
+    where they are, only the small ``(points, units)`` results are stacked).
     Spatial positions are reduced first (channel reduction: a unit is a channel), then the
     per-unit (over points) and per-point (over real units) max and min come out concatenated
     as ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]``, shape ``(nets, units + points)``.
-    ``fill`` is ``(nets, 1, units)``: 0 for real units, a huge value for padded ones.
+    ``padded`` (``(nets, 1, units)``) keeps padded units out of the points' extremes: a bool
+    mask (any values), or a float fill, 0 for real units and a huge value for padded ones,
+    subtracted (for the max) and added (for the min): about half the cost of a masked fill,
+    exact whenever the padded values are finite, as in the grid engine (they are exactly 0).
 
     Why a function of its own: autograd's ``amax`` backward makes several dense passes over
     the feature maps per extreme, which cost more than the network's own backward on a CPU.
     Here the gradient of an extreme over positions is non-zero only where a hinge is active
-    (at most units + points rows of a layer), so only those rows are computed; ties are shared
+    (with unique extremes, at most units + points rows of a layer), and on a CPU only those
+    rows are computed; ties are shared
     equally (``ties="split"``, like TensorFlow's ``reduce_max``) or, over points and units,
     given to one arg-extreme (``"first"``, a few scatters). Ties over positions always split.
     """
 
     @staticmethod
-    def forward(ctx, ties: str, fill: Tensor | None, layers: bool, *zs: Tensor):
+    def forward(ctx, ties: str, padded: Tensor | None, layers: bool, *zs: Tensor):
         lead = 2 if layers else 3
         spatial = zs[0].dim() > lead
         maps, his, los = [], [], []
@@ -154,8 +160,12 @@ class _Extremes(torch.autograd.Function):
         else:
             hs = his[0] if len(his) == 1 else torch.cat(his)
             ls = (los[0] if len(los) == 1 else torch.cat(los)) if spatial else hs
-        hp_in = hs if fill is None else hs - fill
-        lp_in = ls if fill is None else ls + fill
+        if padded is None:
+            hp_in, lp_in = hs, ls
+        elif padded.dtype == torch.bool:
+            hp_in, lp_in = hs.masked_fill(padded, -math.inf), ls.masked_fill(padded, math.inf)
+        else:
+            hp_in, lp_in = hs - padded, ls + padded
         if ties == "first":
             (hu, iu), (lu, ju) = hs.max(1), ls.min(1)
             (hp, ip), (lp, jp) = hp_in.max(2), lp_in.min(2)
@@ -211,8 +221,9 @@ def _share(x: Tensor, ext: Tensor, g: Tensor, dim: int, acc: Tensor | None = Non
     among the tied entries. Inactive hinges give ``g == 0``: on a CPU that costs no pass."""
     if g.device.type == "cpu" and not g.any():
         return acc
-    tied = (x == ext.unsqueeze(dim)).to(x.dtype)
-    part = tied.mul_((g / tied.sum(dim)).unsqueeze(dim))
+    tied = x == ext.unsqueeze(dim)
+    count = tied.sum(dim)  # an exact integer count (a bfloat16 sum would round it above 256)
+    part = tied.to(x.dtype).mul_((g / count).unsqueeze(dim))
     return part if acc is None else acc.add_(part)
 
 
@@ -250,7 +261,7 @@ def dense_separation_penalty(
     rho: float = 0.5,
     margin: float = 1.0,
     aggregation: str = "paper",
-    point_fill: Tensor | None = None,
+    padded: Tensor | None = None,
     unit_weight: Tensor | None = None,
 ) -> Tensor:
     """λ_U·g_U + λ_P·g_P of one dense layer for each net of a stack ``(nets, points, units)``.
@@ -258,7 +269,7 @@ def dense_separation_penalty(
     A fast path of :func:`stacked_separation_penalty` (``ties="first"``) for the grid engine:
     every slack of the layer is formed and weighted in one pass over a ``(nets, units +
     points)`` tensor. ``coef_u`` / ``coef_p`` (``(nets,)``) are the per-net λ (0 switches a
-    term off); ``point_fill`` masks padded units out of the points' extremes and
+    term off); ``padded`` (see :class:`_Extremes`) masks padded units out of the points' extremes and
     ``unit_weight`` (``(nets, units)``, 0 for padded units) out of the unit terms.
     Aggregations: ``"paper"``, ``"squared_sum"``, ``"mean"`` (``"norm"`` is not separable:
     use :func:`stacked_separation_penalty`).
@@ -266,7 +277,7 @@ def dense_separation_penalty(
     if aggregation not in ("paper", "squared_sum", "mean"):
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     n, b, w = z.shape
-    hi, lo = _Extremes.apply("first", point_fill, False, z)
+    hi, lo = _Extremes.apply("first", padded, False, z)
     s = rho * torch.relu(margin - hi) + (1.0 - rho) * torch.relu(margin + lo)
     if aggregation == "squared_sum":
         s = s * s
@@ -289,7 +300,8 @@ def separation_extremes(
 
     ``z`` is stacked ``(nets, points, units, *spatial)``, or a sequence of same-shaped
     ``(points, units, *spatial)`` tensors taken as the nets of a stack (one network's layers of
-    one shape; no stacked copy is made). Sep-U extremes run over the points (and, for
+    one shape; conv feature maps are reduced in place, not copied into a stack, except with
+    ``"position"`` reduction). Sep-U extremes run over the points (and, for
     ``conv_reduction="channel"``, the positions): shape ``(nets, units[, *spatial])``; Sep-P
     extremes over the units (and positions): ``(nets, points[, *spatial])``. Padded units
     (``unit_mask`` false) never take part in a point's extremes. ``None`` for a kind not asked.
@@ -299,7 +311,7 @@ def separation_extremes(
     pre-activation ties). With ``"channel"`` reduction the positions are reduced first, so
     ties are shared among points, then among each point's tied positions. ``"first"`` gives
     it to one of the tied points or units: identical whenever extremes are unique, and faster
-    (the positions of a channel still split).
+    (the positions of a channel still split; ``"position"`` reduction always splits).
     """
     want_u, want_p = "u" in kind, "p" in kind
     joint = _joint_extremes(z, conv_reduction, unit_mask, ties)
@@ -322,10 +334,8 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str)
         raise ValueError("separation extremes need one stacked tensor or same-shaped layers")
     if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
         return None
-    fill = None
-    if unit_mask is not None:
-        fill = (~unit_mask.bool()).to(zs[0].dtype).unsqueeze(1) * _BIG
-    hi, lo = _Extremes.apply(ties, fill, layers, *zs)
+    padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
+    hi, lo = _Extremes.apply(ties, padded, layers, *zs)
     return hi, lo, zs[0].shape[1 if layers else 2]
 
 

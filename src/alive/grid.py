@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .activations import make_activation, parse_activation
 from .config import RunConfig
-from .functional import _BIG, dense_separation_penalty, stacked_separation_penalty
+from .functional import dense_separation_penalty, stacked_separation_penalty
 from .models import build_model, count_parameters
 from .train import (
     _autocast,
@@ -214,7 +214,7 @@ class GridStack(nn.Module):
         self.kinds = ("u" if self.any_u else "") + ("p" if self.any_p else "")
         # the dense fast path (index extremes, one weighted pass per layer) unless ties must split
         self.fast = not self.conv and self.ties == "first" and cfg0.aggregation != "norm"
-        self.register_buffer("point_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)
+        self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * 1e30)  # see functional._Extremes
         self.cfg0 = cfg0
 
     # ------------------------------------------------------------------ construction
@@ -309,7 +309,7 @@ class GridStack(nn.Module):
                 self.cfg0.rho,
                 self.cfg0.margin,
                 self.cfg0.aggregation,
-                point_fill=self.point_fill[:n] if self.padded else None,
+                padded=self.padded_fill[:n] if self.padded else None,
                 unit_weight=self.unit_mask[:n] if self.padded else None,
             )
         g_u, g_p = stacked_separation_penalty(
