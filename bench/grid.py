@@ -43,7 +43,7 @@ def main():
     dev = args.device
     depths, widths, epochs = ([1, 10], [1, 3], 20) if args.quick else ([1, 10, 20, 30], [1, 2, 3, 5, 10], 100)
     cfgs = grid(depths, widths, epochs)
-    kept = keep_freed_memory() if torch.device(dev).type == "cpu" else False  # as the trainers do
+    kept = keep_freed_memory(dev)  # as the trainers do
     print(f"torch {torch.__version__}, allocator keeps freed memory: {kept}, device {dev}; slice: {len(cfgs)} networks (depths {depths}, widths {widths}), {epochs} epochs")
     warm = grid([2], [2], 2)  # one-time costs (imports, allocator, autograd engine) paid by neither side
     train_group([warm[0], warm[2]], device=dev, progress="quiet")

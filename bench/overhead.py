@@ -11,7 +11,6 @@ Prints, then ends with one ``name: value`` line per ratio (targets: <= 1.15):
 Usage: python bench/overhead.py [--device cuda] [--quick]
 """
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import paired_ratio, report, rounds_of  # noqa: E402
+from _timing import medians, paired_ratio, report, rounds_of  # noqa: E402
 
 import alive  # noqa: E402
 from alive.functional import linked_relu  # noqa: E402
@@ -44,7 +43,7 @@ def activation_ratios(device, quick):
         torch.relu(x2).backward(g1)
 
     r = rounds_of({"linked": linked, "naive": naive, "relu": plain}, device=device, rounds=5 if quick else 15)
-    t = {k: statistics.median(v) for k, v in r.items()}
+    t = medians(r)
     print(f"activation fwd+bwd on {tuple(shape)} -> {tuple(x2.shape)}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
     return {"linked_relu_vs_relu": paired_ratio(r, "linked", "relu"), "linked_relu_vs_naive": paired_ratio(r, "linked", "naive")}
 
@@ -68,7 +67,7 @@ def step_ratio(make_model, x, y, device, quick, name):
 
     r = rounds_of({"plain": lambda: step(plain_model, False), "sep-up": lambda: step(sep_model, True)},
                   device=device, rounds=5 if quick else 15, repeat=3 if quick else 10)
-    t = {k: statistics.median(v) for k, v in r.items()}
+    t = medians(r)
     print(f"{name} training step: plain {t['plain'] * 1e3:.2f} ms, with Sep-UP {t['sep-up'] * 1e3:.2f} ms")
     return paired_ratio(r, "sep-up", "plain")
 
@@ -79,7 +78,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a format check, not a measurement)")
     args = ap.parse_args()
     dev = args.device
-    kept = keep_freed_memory() if torch.device(dev).type == "cpu" else False  # as the trainers do
+    kept = keep_freed_memory(dev)  # as the trainers do
     print(f"torch {torch.__version__}, allocator keeps freed memory: {kept}, device {dev}, {torch.get_num_threads()} threads")
     ratios = activation_ratios(dev, args.quick)
     b = 64 if args.quick else 256

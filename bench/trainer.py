@@ -69,7 +69,7 @@ def main():
     args = ap.parse_args()
     n = 256 if args.quick else 2048
     data = synthetic(n, 64, args.device)
-    kept = keep_freed_memory() if torch.device(args.device).type == "cpu" else False  # as the trainers do
+    kept = keep_freed_memory(args.device)  # as the trainers do
     print(f"torch {torch.__version__}, allocator keeps freed memory: {kept}, device {args.device}, {torch.get_num_threads()} threads, {n} images per epoch")
     ratios = {}
     cases = {

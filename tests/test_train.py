@@ -99,4 +99,5 @@ def test_keep_freed_memory_sets_glibc_and_can_be_switched_off(monkeypatch):
     monkeypatch.delenv("ALIVE_KEEP_FREED_MEMORY")
     if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"):
         pytest.skip("glibc's mallopt is not available here")
+    assert keep_freed_memory("cuda") is False  # another device: the allocator is left alone
     assert keep_freed_memory() is True

@@ -452,37 +452,33 @@ def stacked_separation_penalty(
     the first merges per-unit extremes across processes, the second concatenates per-point
     terms along dimension 1. See :func:`separation_extremes` for ``unit_mask`` and ``ties``.
     """
-    if kind == "up" and reduce_extremes is None and gather_points is None and aggregation != "norm":
+    joint = None
+    if reduce_extremes is None and gather_points is None:
         joint = _joint_extremes(z, conv_reduction, unit_mask, ties)
-        if joint is not None:  # every slack of the layer from one (nets, units + points) tensor
-            hi, lo, units = joint
-            s = combine_slacks(*_slacks(hi, lo, margin), rho)
-            if aggregation == "squared_sum":
-                s = s.square()
-            s_u, s_p = s[:, :units], s[:, units:]
-            if unit_mask is not None:
-                s_u = s_u * unit_mask.to(s.dtype)
-            g_u, g_p = s_u.sum(1), s_p.sum(1)
-            if aggregation == "mean":
-                g_u = g_u / (units if unit_mask is None else unit_mask.to(s.dtype).sum(1))
-                g_p = g_p / s_p.shape[1]
-            return g_u, g_p
-    u, p = separation_extremes(z, kind, conv_reduction, unit_mask, ties)
-    g_u = g_p = None
-    if u is not None:
-        hi, lo = u if reduce_extremes is None else reduce_extremes(*u)
+    if joint is not None:  # every slack of the layer from one (nets, units + points) tensor
+        hi, lo, units = joint
         s = combine_slacks(*_slacks(hi, lo, margin), rho)
+        s_u = s[:, :units] if "u" in kind else None
+        s_p = s[:, units:] if "p" in kind else None
+    else:
+        u, p = separation_extremes(z, kind, conv_reduction, unit_mask, ties)
+        s_u = s_p = None
+        if u is not None:
+            s_u = combine_slacks(*_slacks(*(u if reduce_extremes is None else reduce_extremes(*u)), margin), rho)
+        if p is not None:
+            s_p = combine_slacks(*_slacks(*p, margin), rho)
+            if gather_points is not None:
+                s_p = gather_points(s_p)
+    g_u = g_p = None
+    if s_u is not None:
         count = None
         if unit_mask is not None:
-            m = unit_mask.reshape(unit_mask.shape + (1,) * (s.dim() - unit_mask.dim())).to(s.dtype)
-            s = s * m
-            count = m.expand_as(s).sum(tuple(range(1, s.dim())))
-        g_u = aggregate(s, aggregation, count)
-    if p is not None:
-        s = combine_slacks(*_slacks(*p, margin), rho)
-        if gather_points is not None:
-            s = gather_points(s)
-        g_p = aggregate(s, aggregation)
+            m = unit_mask.reshape(unit_mask.shape + (1,) * (s_u.dim() - unit_mask.dim())).to(s_u.dtype)
+            s_u = s_u * m
+            count = m.expand_as(s_u).sum(tuple(range(1, s_u.dim())))
+        g_u = aggregate(s_u, aggregation, count)
+    if s_p is not None:
+        g_p = aggregate(s_p, aggregation)
     return g_u, g_p
 
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .activations import make_activation, parse_activation
 from .config import RunConfig
-from .functional import dense_separation_penalty, stacked_separation_penalty
+from .functional import _BIG, dense_separation_penalty, stacked_separation_penalty
 from .models import build_model, count_parameters
 from .train import (
     _autocast,
@@ -214,7 +214,7 @@ class GridStack(nn.Module):
         self.kinds = ("u" if self.any_u else "") + ("p" if self.any_p else "")
         # the dense fast path (index extremes, one weighted pass per layer) unless ties must split
         self.fast = not self.conv and self.ties == "first" and cfg0.aggregation != "norm"
-        self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * 1e30)  # see functional._Extremes
+        self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)  # see functional._Extremes
         self.cfg0 = cfg0
 
     # ------------------------------------------------------------------ construction
@@ -510,8 +510,7 @@ def train_group(
     if len(keys) != 1:
         raise ValueError("train_group needs configurations that differ only in depth, width, constraint, weight, seed")
     dev = resolve_device(device)
-    if dev.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(dev)
     cfg0 = configs[0]
     precision = resolve_precision(cfg0.precision, dev)
     _fp32_matmuls(dev, precision)

@@ -68,8 +68,9 @@ def resolve_device(device=None) -> torch.device:
     return torch.device(device)
 
 
-def keep_freed_memory() -> bool:
-    """Let the C allocator keep freed memory for reuse (glibc; a no-op where it is not there).
+def keep_freed_memory(device="cpu") -> bool:
+    """Let the C allocator keep freed memory for reuse when training on ``device`` is a CPU
+    (glibc; a no-op for other devices and where it is not there).
 
     PyTorch takes its CPU tensors straight from ``malloc``. glibc serves blocks above its mmap
     threshold with fresh pages and returns them to the system when they are freed, so each
@@ -80,7 +81,9 @@ def keep_freed_memory() -> bool:
     variable ``ALIVE_KEEP_FREED_MEMORY=0`` to leave the allocator alone. Returns whether the
     setting is in effect.
     """
-    if os.environ.get("ALIVE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if torch.device(device).type != "cpu" or os.environ.get("ALIVE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -248,8 +251,7 @@ def fit(
     """
     cfg = config
     dev = resolve_device(device)
-    if dev.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(dev)
     precision = resolve_precision(cfg.precision, dev)
     rank, world = _dist()
     _fp32_matmuls(dev, precision)
