@@ -34,17 +34,32 @@ def test_minmax_relu_is_max_and_min():
     assert out.tolist() == [[0.0, 3.0, -2.0, 0.0]]
 
 
-def test_fast_linked_relu_matches_naive_cat_in_value_and_gradient():
-    z = torch.randn(5, 7, 4, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("shape,dim,channels_last", [
+    ((5, 7, 4, 4), 1, False), ((5, 7, 4, 4), 1, True), ((6, 9), 1, False), ((3, 4, 5), -1, False)])
+def test_fast_linked_relu_matches_naive_cat_in_value_and_gradient(shape, dim, channels_last):
+    z = torch.randn(shape, dtype=torch.float64)
+    z.view(-1)[::3] = 0.0  # both members have derivative 0 at z == 0
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    z.requires_grad_(True)
     z2 = z.detach().clone().requires_grad_(True)
-    g = torch.randn(5, 14, 4, 4, dtype=torch.float64)
-    fast = AF.linked_relu(z, 1)
-    naive = torch.cat((torch.relu(z2), torch.relu(-z2)), 1)
+    naive = torch.cat((torch.relu(z2), torch.relu(-z2)), dim)
+    g = torch.randn(naive.shape, dtype=torch.float64)
+    fast = AF._LinkedReLU.apply(z, dim)  # the large-tensor path, forced on a small tensor
     assert torch.equal(fast, naive)
     fast.backward(g)
     naive.backward(g)
     assert torch.equal(z.grad, z2.grad)
-    assert torch.autograd.gradcheck(lambda t: AF.linked_relu(t, 1), (z.detach().requires_grad_(True),))
+    assert torch.autograd.gradcheck(lambda t: AF._LinkedReLU.apply(t, dim), (torch.randn(shape, dtype=torch.float64, requires_grad=True),))
+
+
+def test_linked_relu_takes_the_fused_path_only_on_large_tensors():
+    big = torch.randn(AF._SMALL_LINKED + 1, 2, requires_grad=True)
+    small = torch.randn(4, 3, requires_grad=True)
+    assert type(AF.linked_relu(big, 1).grad_fn).__name__ == "_LinkedReLUBackward"
+    assert type(AF.linked_relu(small, 1).grad_fn).__name__ == "CatBackward0"
+    out = AF.linked_relu(big, 1)
+    assert torch.equal(out, torch.cat((torch.relu(big), torch.relu(-big)), 1))
 
 
 def test_linked_dim_and_shape():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from alive.config import RunConfig
-from alive.functional import linked_relu
+from alive.functional import _LinkedReLU, linked_relu
 from alive.grid import train_group
 from alive.train import fit
 
@@ -14,7 +14,8 @@ def test_linked_relu_on_cuda_matches_naive():
     x = torch.randn(8, 6, 5, 5, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_(True)
     y = x.detach().clone().requires_grad_(True)
     g = torch.randn(8, 12, 5, 5, device="cuda")
-    linked_relu(x, 1).backward(g)
+    assert type(linked_relu(x, 1).grad_fn).__name__ == "CatBackward0"
+    _LinkedReLU.apply(x, 1).backward(g)
     torch.cat((torch.relu(y), torch.relu(-y)), 1).backward(g)
     assert torch.equal(x.grad, y.grad)
 

@@ -45,7 +45,8 @@ class _LinkedReLU(torch.autograd.Function):
     """``cat(relu(z), relu(-z))`` written straight into its output, one pass per half.
 
     Backward reads only the output (which the next layer keeps for its own backward anyway,
-    so linking costs no extra activation memory): ``dz = g_pos·[out_pos > 0] - g_neg·[out_neg > 0]``.
+    so linking costs no extra activation memory): ``dz = g_pos·[out_pos > 0] - g_neg·[out_neg > 0]``,
+    each half thresholded on its own so that no ``2·C`` intermediate is allocated.
     At ``z == 0`` both members have PyTorch's ReLU derivative 0, exactly as the naive composition.
     """
 
@@ -65,9 +66,10 @@ class _LinkedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        g = torch.ops.aten.threshold_backward(grad, out, 0)
-        g_pos, g_neg = g.chunk(2, ctx.dim)
-        return g_pos - g_neg, None
+        g_pos, g_neg = grad.chunk(2, ctx.dim)
+        out_pos, out_neg = out.chunk(2, ctx.dim)
+        dz = torch.ops.aten.threshold_backward(g_pos, out_pos, 0)
+        return dz.sub_(torch.ops.aten.threshold_backward(g_neg, out_neg, 0)), None
 
 
 def _memory_format(z: Tensor):
@@ -76,12 +78,21 @@ def _memory_format(z: Tensor):
     return torch.contiguous_format
 
 
+# Below this many input elements a Python autograd.Function costs more than the two extra
+# passes it saves (measured on a 2-core CPU: the crossover lies between 65k and 524k).
+_SMALL_LINKED = 1 << 17
+
+
 def linked_relu(z: Tensor, dim: int = 1) -> Tensor:
     r"""Mirror-linked ReLU, :math:`f(z) = (\max(z, 0), \max(-z, 0))`, concatenated along ``dim``.
 
-    Equal to ``torch.cat((relu(z), relu(-z)), dim)`` (CReLU) in value and gradient, about
-    twice as fast on a CPU, and it keeps no tensor the next layer does not keep already.
+    Equal to ``torch.cat((relu(z), relu(-z)), dim)`` (CReLU) in value and gradient. On large
+    tensors a single autograd function writes both halves straight into the output and keeps no
+    tensor the next layer does not keep already (about 1.3x faster than the composition on a
+    CPU); small tensors, where per-call overhead dominates, take the plain composition.
     """
+    if z.numel() < _SMALL_LINKED:
+        return torch.cat((torch.relu(z), torch.relu(-z)), dim)
     return _LinkedReLU.apply(z, dim)
 
 

@@ -299,35 +299,44 @@ class GridStack(nn.Module):
             mean, var = rm.unsqueeze(1), rv.unsqueeze(1)
         return (z - mean) * torch.rsqrt(var + self.bn_eps) * g.unsqueeze(1) + b.unsqueeze(1)
 
-    def _penalty(self, z: Tensor, n: int) -> Tensor:
-        """Σ over this layer of λ_U·g_U + λ_P·g_P for the first ``n`` nets (canonical layout)."""
+    def _penalty(self, z: Tensor, n: int, layers: int = 1) -> Tensor:
+        """Σ over these layers of λ_U·g_U + λ_P·g_P for the first ``n`` nets (canonical layout).
+
+        ``layers > 1`` (dense only): ``z`` holds that many consecutive layers stacked
+        layer-major, ``(layers · n, points, units)``; each layer is penalised as its own net
+        and the terms are summed per net, so a run of layers costs one pass, not one each.
+        """
+        def per_layer(t: Tensor) -> Tensor:
+            return t.repeat((layers,) + (1,) * (t.dim() - 1)) if layers > 1 else t
+
         if self.fast:
-            return dense_separation_penalty(
+            g = dense_separation_penalty(
                 z,
-                self.coef_u[:n],
-                self.coef_p[:n],
+                per_layer(self.coef_u[:n]),
+                per_layer(self.coef_p[:n]),
                 self.cfg0.rho,
                 self.cfg0.margin,
                 self.cfg0.aggregation,
-                padded=self.padded_fill[:n] if self.padded else None,
-                unit_weight=self.unit_mask[:n] if self.padded else None,
+                padded=per_layer(self.padded_fill[:n]) if self.padded else None,
+                unit_weight=per_layer(self.unit_mask[:n]) if self.padded else None,
             )
-        g_u, g_p = stacked_separation_penalty(
-            self.layout.stacked(z),
-            self.kinds,
-            self.cfg0.rho,
-            self.cfg0.margin,
-            self.cfg0.aggregation,
-            self.cfg0.conv_reduction,
-            unit_mask=self.unit_mask_bool[:n] if self.padded else None,
-            ties=self.ties,
-        )
-        out = 0
-        if g_u is not None:
-            out = out + self.coef_u[:n] * g_u
-        if g_p is not None:
-            out = out + self.coef_p[:n] * g_p
-        return out
+        else:
+            g_u, g_p = stacked_separation_penalty(
+                self.layout.stacked(z),
+                self.kinds,
+                self.cfg0.rho,
+                self.cfg0.margin,
+                self.cfg0.aggregation,
+                self.cfg0.conv_reduction,
+                unit_mask=per_layer(self.unit_mask_bool[:n]) if self.padded else None,
+                ties=self.ties,
+            )
+            g = 0
+            if g_u is not None:
+                g = g + per_layer(self.coef_u[:n]) * g_u
+            if g_p is not None:
+                g = g + per_layer(self.coef_p[:n]) * g_p
+        return g.view(layers, n).sum(0) if layers > 1 else g
 
     def forward(self, x: Tensor, train: bool = True, dropout_p: float = 0.0, gen=None,
                 on_layer: Callable[[int, Tensor, Tensor], None] | None = None):
@@ -343,6 +352,7 @@ class GridStack(nn.Module):
         else:
             h = x.unsqueeze(0).expand(self.n, *x.shape) if x.dim() == 2 else x  # (n, B, F)
         depth = len(self.active)
+        run: list[Tensor] = []  # dense pre-activations awaiting their (shared) penalty pass
         for l, n in enumerate(self.active):
             if self.conv:
                 if l > 0:
@@ -360,8 +370,16 @@ class GridStack(nn.Module):
             # padded units have zero weights that never receive a gradient, so z is exactly 0 there;
             # like the single-network hooks, the constraint sees the layer output (before any BN)
             z_pre = zc
+            nxt = self.active[l + 1] if l + 1 < depth else 0
             if want_pen:
-                pen = pen + F.pad(self._penalty(z_pre, n), (0, self.n - n))
+                if self.conv:
+                    pen = pen + F.pad(self._penalty(z_pre, n), (0, self.n - n))
+                else:  # consecutive layers run by the same nets share one penalty pass
+                    run.append(z_pre)
+                    if nxt != n:
+                        stacked = run[0] if len(run) == 1 else torch.cat(run)
+                        pen = pen + F.pad(self._penalty(stacked, n, len(run)), (0, self.n - n))
+                        run = []
             if self.batchnorm:
                 z = self._batchnorm(z, l, n, train)
                 zc = z.view(z.shape[0], n, wm, *z.shape[2:]) if self.conv else z
@@ -370,7 +388,6 @@ class GridStack(nn.Module):
                 a = a * self.unit_mask[:n].repeat(1, fac).view(self.layout.unit_shape(n, wm * fac))
             if on_layer is not None:
                 on_layer(l, z_pre, a)
-            nxt = self.active[l + 1] if l + 1 < depth else 0
             if self.conv:
                 a = a.reshape(a.shape[0], n * wm * fac, *a.shape[3:])
                 if nxt < n:
