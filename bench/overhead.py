@@ -24,7 +24,8 @@ from _timing import medians, paired_ratio, report, rounds_of  # noqa: E402
 import alive  # noqa: E402
 from alive.functional import linked_relu  # noqa: E402
 from alive.models import MLP, RectCNN  # noqa: E402
-from alive.train import keep_freed_memory  # noqa: E402
+from alive.config import RunConfig  # noqa: E402
+from alive.train import keep_freed_memory, make_optimizer  # noqa: E402
 
 
 def activation_ratios(device, quick):
@@ -55,7 +56,7 @@ def step_ratio(make_model, x, y, device, quick, name):
     sep_model = make_model().to(device)
     sep_model.load_state_dict(plain_model.state_dict())
     sep = alive.SeparationConstraint(sep_model, kind="up", weight=1e-4)
-    opts = {m: torch.optim.Adam(m.parameters(), 1e-3, foreach=True) for m in (plain_model, sep_model)}
+    opts = {m: make_optimizer(RunConfig(depth=1, width=1, lr=1e-3), m.parameters()) for m in (plain_model, sep_model)}  # as fit does
 
     def step(model, constrained):
         loss = F.cross_entropy(model(x), y)

@@ -128,3 +128,40 @@ def test_a_diverging_network_does_not_touch_the_others():
     other = 1 - poisoned_seed
     assert recs[other]["history"]["train_loss"] == clean[other]["history"]["train_loss"]
     assert recs[poisoned_seed]["diverged_epoch"] == 3
+
+
+@pytest.mark.parametrize("activation", ["relu", "lk-relu"])
+def test_conv_stack_is_the_same_function_in_both_memory_layouts(activation):
+    base = RunConfig(experiment="g", dataset="mnist", model="cnn", depth=1, width=1, batch_size=8, activation=activation)
+    cfgs = [base.replace(depth=d, width=w, constraint="up", weight=1e-2) for d, w in [(3, 4), (2, 2), (1, 3)]]
+    stack = GridStack(cfgs, (1, 12, 12), 10)
+    assert stack.channels_last  # few stacked channels: the faster layout on a CPU
+    x = torch.randn(8, 1, 12, 12)
+    outs = []
+    for layout in (True, False):
+        stack.channels_last = layout
+        logits, pen = stack(x)
+        (logits.square().sum() + pen.sum()).backward()
+        outs.append((logits.detach(), pen.detach(), [p.grad.clone() for p in stack.parameters()]))
+        stack.zero_grad()
+    (l1, p1, g1), (l2, p2, g2) = outs
+    assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(p1, p2, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g1, g2))
+
+
+def test_flattened_parameters_share_values_and_gradients_with_the_module():
+    from alive.grid import _flatten_parameters
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    before = [p.detach().clone() for p in net.parameters()]
+    flat = _flatten_parameters(net)
+    assert flat.numel() == sum(p.numel() for p in net.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    for _ in range(2):  # accumulates in place into the flat gradient, step after step
+        flat.grad.zero_()
+        net(torch.randn(5, 3)).square().sum().backward()
+        assert torch.equal(flat.grad, torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        assert flat.grad.abs().sum() > 0
+    torch.optim.SGD([flat], lr=0.1).step()
+    expected = [b - 0.1 * p.grad for p, b in zip(net.parameters(), before)]
+    assert all(torch.allclose(p.detach(), e) for p, e in zip(net.parameters(), expected))

@@ -78,6 +78,19 @@ def test_optimisers_use_keras_defaults():
     assert rms.defaults["alpha"] == 0.9
     nes = make_optimizer(RunConfig(depth=1, width=1, optimizer="nesterov"), p)
     assert nes.defaults["nesterov"] and nes.defaults["momentum"] == 0.9
+    assert adam.defaults["fused"] and nes.defaults["fused"] and rms.defaults["foreach"]  # fused where it exists
+
+
+def test_fused_adam_step_is_the_adam_formula():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = make_optimizer(RunConfig(depth=1, width=1, lr=0.1), [p])
+    g = torch.tensor([0.5, -3.0])
+    for step in (1, 2):
+        p.grad = g.clone()
+        opt.step()
+    # constant gradient: both bias-corrected moments equal g and g², the step is lr·g/(|g| + eps)
+    expected = torch.tensor([1.0, -2.0]) - 2 * 0.1 * g / (g.abs() + 1e-7)
+    assert torch.allclose(p.detach(), expected, atol=1e-6)
 
 
 def test_conv_training_step_on_cifar(data_dir):

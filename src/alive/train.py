@@ -119,14 +119,17 @@ def load_data(cfg: RunConfig) -> Dataset:
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     """The papers' optimisers with Keras' defaults (Adam/RMSprop ``eps=1e-7``, RMSprop ``rho=0.9``)."""
-    # foreach: one multi-tensor kernel per update step instead of one per parameter (also on a CPU)
+    params = list(params)
+    # fused: one kernel for the whole update of every parameter (on a CPU ~3x faster than
+    # foreach, whose CPU path is a loop of per-tensor operations); foreach where no fused exists
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {"foreach": True}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-7, foreach=True)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-7, **fused)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, foreach=True)
     if cfg.optimizer == "nesterov":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum or 0.9, nesterov=True, foreach=True)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum or 0.9, nesterov=True, **fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, **fused)
 
 
 _ALLCNN_STEPS = ((500 / 3000, 1.0), (2000 / 3000, 0.75), (2350 / 3000, 0.5), (2750 / 3000, 0.1), (math.inf, 0.05))
