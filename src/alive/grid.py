@@ -15,7 +15,11 @@ optimiser, epochs, activation, BatchNorm or not) lives in one stack of tensors:
   plain ReLU), its own initial weights (copied from the single-network model built with its
   seed, so initialisation is identical) and, for mini-batches, its own data order;
 * optimisers are element-wise, so one optimiser over the stacked tensors equals one per
-  network; the loss is the sum of the networks' losses, so each gets its own gradient.
+  network (they are views into one flat parameter: one fused update per step, however deep
+  the stack); the loss is the sum of the networks' losses, so each gets its own gradient;
+* per-operation cost is what a CPU pays for hundreds of small networks, so consecutive layers
+  run by the same networks share one separation-penalty pass, dense BatchNorm is one fused
+  kernel over (net, unit) channels, and small conv stacks run channels-last.
 
 The result of each network is the same record :func:`alive.train.fit` would produce, up to
 floating-point summation order (``tests/test_grid.py`` checks cells against single runs).
