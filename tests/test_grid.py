@@ -32,6 +32,14 @@ def test_mlp_cells_match_single_runs(activation):
     _compare(_cells(activation=activation))
 
 
+def test_runs_of_equal_depth_share_a_penalty_pass_and_still_match_single_runs():
+    # nets of equal depth make runs of several layers penalised in one pass
+    cells = [(4, 3, "up", 10), (4, 2, "p", 11), (4, 4, "u", 10), (2, 3, "up", 12)]
+    cfgs = [BASE.replace(depth=d, width=w, constraint=c, weight=1e-2, seed=s, epochs=10) for d, w, c, s in cells]
+    _compare(cfgs)
+    _compare(cfgs, loss_tol=1e-4, exact_acc=False, ties="first")
+
+
 def test_fast_index_extremes_stay_within_float_noise():
     # exact ties (from dead points) get the whole gradient on one point instead of a share
     _compare(_cells(), loss_tol=1e-4, exact_acc=False, ties="first")
@@ -131,16 +139,26 @@ def test_a_diverging_network_does_not_touch_the_others():
 
 
 @pytest.mark.parametrize("activation", ["relu", "lk-relu"])
-def test_conv_stack_is_the_same_function_in_both_memory_layouts(activation):
+def test_conv_stack_is_the_same_function_in_both_memory_layouts(activation, monkeypatch):
     base = RunConfig(experiment="g", dataset="mnist", model="cnn", depth=1, width=1, batch_size=8, activation=activation)
     cfgs = [base.replace(depth=d, width=w, constraint="up", weight=1e-2) for d, w in [(3, 4), (2, 2), (1, 3)]]
-    stack = GridStack(cfgs, (1, 12, 12), 10)
+    stack = GridStack(cfgs, (2, 12, 12), 10)
     assert stack.channels_last  # few stacked channels: the faster layout on a CPU
-    x = torch.randn(8, 1, 12, 12)
-    outs = []
+    x = torch.randn(8, 2, 12, 12)  # two input channels: one would look the same in either layout
+    outs, seen = [], []
+    conv2d = torch.nn.functional.conv2d
+
+    def spy(h, *args, **kw):
+        seen.append(h.stride(1) == 1)  # channels innermost
+        return conv2d(h, *args, **kw)
+
     for layout in (True, False):
         stack.channels_last = layout
+        seen.clear()
+        monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
         logits, pen = stack(x)
+        monkeypatch.undo()
+        assert all(seen) if layout else not any(seen)
         (logits.square().sum() + pen.sum()).backward()
         outs.append((logits.detach(), pen.detach(), [p.grad.clone() for p in stack.parameters()]))
         stack.zero_grad()
@@ -165,3 +183,17 @@ def test_flattened_parameters_share_values_and_gradients_with_the_module():
     torch.optim.SGD([flat], lr=0.1).step()
     expected = [b - 0.1 * p.grad for p, b in zip(net.parameters(), before)]
     assert all(torch.allclose(p.detach(), e) for p, e in zip(net.parameters(), expected))
+
+
+def test_stack_zero_grad_keeps_the_flat_gradient():
+    from alive.grid import _flatten_parameters
+
+    stack = GridStack([BASE.replace(depth=2, width=3), BASE.replace(depth=1, width=2)], (2,), 2)
+    flat = _flatten_parameters(stack)
+    logits, _ = stack(torch.randn(4, 2))
+    logits.sum().backward()
+    assert flat.grad.abs().sum() > 0
+    stack.zero_grad()  # in place, not set to None
+    assert stack.head_b.grad is not None and flat.grad.abs().sum() == 0
+    stack(torch.randn(4, 2))[0].sum().backward()
+    assert torch.equal(flat.grad, torch.cat([p.grad.reshape(-1) for p in stack.parameters()]))

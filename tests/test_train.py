@@ -81,6 +81,24 @@ def test_optimisers_use_keras_defaults():
     assert adam.defaults["fused"] and nes.defaults["fused"] and rms.defaults["foreach"]  # fused where it exists
 
 
+def test_optimiser_takes_parameter_groups():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer(RunConfig(depth=1, width=1), [{"params": [a]}, {"params": [b], "lr": 0.5}])
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 0.5] and opt.defaults["fused"]
+
+
+def test_resumed_optimiser_state_takes_the_parameters_layout():
+    from alive.train import _match_state_layout
+
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    opt = make_optimizer(RunConfig(depth=1, width=1), [p])
+    saved = torch.randn(2, 3, 4, 5)  # a checkpoint written in the default layout
+    opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": saved.clone(), "exp_avg_sq": saved.abs()}
+    _match_state_layout(opt)
+    assert opt.state[p]["exp_avg"].stride() == p.stride() and torch.equal(opt.state[p]["exp_avg"], saved)
+    assert torch.equal(opt.state[p]["exp_avg_sq"], saved.abs()) and opt.state[p]["step"].item() == 3.0
+
+
 def test_fused_adam_step_is_the_adam_formula():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = make_optimizer(RunConfig(depth=1, width=1, lr=0.1), [p])

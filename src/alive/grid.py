@@ -205,7 +205,8 @@ class GridStack(nn.Module):
         self.padded = any(w < self.wm for w in self.widths)
         # Grouped convolutions (one group per net) on a CPU (oneDNN), measured on this project's
         # 2 cores: channels-last is 1.7-2.6x faster up to ~80 stacked channels (2-12 nets of
-        # width 4-10), 1.2-1.4x slower at 96-120 (12-15 nets of width 8)
+        # width 4-10), 1.2-1.4x slower at 96-120 (12-15 nets of width 8); not measured on a
+        # GPU, which keeps the default layout
         self.channels_last = self.conv and self.n * self.wm <= 80
         with torch.no_grad():
             g0 = self.activation(torch.zeros(1, 1, 1))
@@ -224,6 +225,14 @@ class GridStack(nn.Module):
         self.fast = not self.conv and self.ties == "first" and cfg0.aggregation != "norm"
         self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)  # see functional._Extremes
         self.cfg0 = cfg0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Once :func:`_flatten_parameters` has run, gradients are zeroed in place: setting them
+        to ``None`` would cut them off the flat gradient the optimiser reads."""
+        flat = getattr(self, "_flat", None)
+        if flat is None:
+            return super().zero_grad(set_to_none)
+        flat.grad.zero_()
 
     # ------------------------------------------------------------------ construction
     def _in_index(self, layer: int, width: int) -> list[int]:
@@ -353,7 +362,7 @@ class GridStack(nn.Module):
         finished: list[Tensor] = []
         pen = x.new_zeros(self.n)
         want_pen = train and (self.any_u or self.any_p)
-        cl = self.conv and self.channels_last
+        cl = self.conv and self.channels_last and x.device.type == "cpu"
         if self.conv:
             h = x.contiguous(memory_format=torch.channels_last) if cl else x  # (B, C, H, W), shared by every net
         else:
@@ -587,7 +596,7 @@ def train_group(
                 logits, pen = stack(xb, train=True, dropout_p=p, gen=drop_gen)
             ce, right = _ce_acc(logits.float(), yb)
             total = torch.where(alive, ce + pen.float(), torch.zeros_like(ce)).sum()
-            flat.grad.zero_()
+            stack.zero_grad()
             total.backward()
             opt.step()
             sched.step()
@@ -677,6 +686,7 @@ def _flatten_parameters(module: nn.Module) -> nn.Parameter:
         start += k
     flat = nn.Parameter(flat)
     flat.grad = grad
+    object.__setattr__(module, "_flat", flat)  # not a registered parameter: the views are
     return flat
 
 

@@ -120,9 +120,10 @@ def load_data(cfg: RunConfig) -> Dataset:
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     """The papers' optimisers with Keras' defaults (Adam/RMSprop ``eps=1e-7``, RMSprop ``rho=0.9``)."""
     params = list(params)
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
     # fused: one kernel for the whole update of every parameter (on a CPU ~3x faster than
     # foreach, whose CPU path is a loop of per-tensor operations); foreach where no fused exists
-    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {"foreach": True}
+    fused = {"fused": True} if all(t.device.type in ("cpu", "cuda") for t in tensors) else {"foreach": True}
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-7, **fused)
     if cfg.optimizer == "rmsprop":
@@ -130,6 +131,19 @@ def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "nesterov":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum or 0.9, nesterov=True, **fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, **fused)
+
+
+def _match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every per-parameter optimiser state its parameter's memory layout.
+
+    A checkpoint keeps the layout it was saved in (say channels-last moments) and the CPU fused
+    kernels do not check strides: a resume with the other layout would silently mix elements.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 _ALLCNN_STEPS = ((500 / 3000, 1.0), (2000 / 3000, 0.75), (2350 / 3000, 0.5), (2750 / 3000, 0.1), (math.inf, 0.05))
@@ -292,6 +306,7 @@ def fit(
             raise RuntimeError(f"checkpoint {ckpt} belongs to another configuration")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        _match_state_layout(opt)
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
