@@ -204,10 +204,11 @@ class GridStack(nn.Module):
         self.ties = ("split" if cfg0.init == "zero" else "first") if ties == "auto" else ties
         self.padded = any(w < self.wm for w in self.widths)
         # Grouped convolutions (one group per net) on a CPU (oneDNN), measured on this project's
-        # 2 cores: channels-last is 1.7-2.6x faster up to ~80 stacked channels (2-12 nets of
-        # width 4-10), 1.2-1.4x slower at 96-120 (12-15 nets of width 8); not measured on a
-        # GPU, which keeps the default layout
-        self.channels_last = self.conv and self.n * self.wm <= 80
+        # 2 cores with 2-16 nets: channels-last is 1.4-2.8x faster for 2, 4, 10 or 12 channels
+        # per net, but not for 8 or 16, which oneDNN's blocked default-layout kernels suit (the
+        # MNIST book grid at width 8: 1.2-1.5x slower channels-last). Not measured on a GPU,
+        # which keeps the default layout.
+        self.channels_last = self.conv and self.wm % 8 != 0
         with torch.no_grad():
             g0 = self.activation(torch.zeros(1, 1, 1))
         self.mask_output = self.padded and bool((g0 != 0).any())
