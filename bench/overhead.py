@@ -6,7 +6,9 @@ Prints, then ends with one ``name: value`` line per ratio (targets: <= 1.15):
   over a plain ReLU on a tensor of that output size;
 * ``linked_relu_vs_naive``: the same over ``cat(relu(x), relu(-x))``;
 * ``sepup_step_mlp50x4`` / ``sepup_step_cnn``: a full training step (forward, loss, backward,
-  Adam) with Sep-UP over the same step without it, on a 50-layer width-4 MLP and a small CNN.
+  Adam) with Sep-UP over the same step without it, on a 50-layer width-4 MLP and a small CNN;
+  ``sepup_step_cnn_channels_last``: the same CNN in the channels-last layout that
+  ``alive.train.fit`` gives convolutional models.
 
 Usage: python bench/overhead.py [--device cuda] [--quick]
 """
@@ -49,11 +51,11 @@ def activation_ratios(device, quick):
     return {"linked_relu_vs_relu": paired_ratio(r, "linked", "relu"), "linked_relu_vs_naive": paired_ratio(r, "linked", "naive")}
 
 
-def step_ratio(make_model, x, y, device, quick, name):
-    out = {}
+def step_ratio(make_model, x, y, device, quick, name, memory_format=torch.contiguous_format):
     torch.manual_seed(0)
-    plain_model = make_model().to(device)
-    sep_model = make_model().to(device)
+    plain_model = make_model().to(device, memory_format=memory_format)
+    sep_model = make_model().to(device, memory_format=memory_format)
+    x = x.contiguous(memory_format=memory_format)
     sep_model.load_state_dict(plain_model.state_dict())
     sep = alive.SeparationConstraint(sep_model, kind="up", weight=1e-4)
     opts = {m: make_optimizer(RunConfig(depth=1, width=1, lr=1e-3), m.parameters()) for m in (plain_model, sep_model)}  # as fit does
@@ -88,7 +90,10 @@ def main():
     ratios["sepup_step_mlp50x4"] = step_ratio(lambda: MLP(2, 2, depth=50, width=4), x, y, dev, args.quick, "MLP 50x4")
     xi = torch.randn(16 if args.quick else 128, 1, 28, 28, device=dev)
     yi = torch.randint(0, 10, (xi.shape[0],), device=dev)
-    ratios["sepup_step_cnn"] = step_ratio(lambda: RectCNN(1, 10, 28, depth=4, width=16), xi, yi, dev, args.quick, "CNN 4x16")
+    cnn = lambda: RectCNN(1, 10, 28, depth=4, width=16)  # noqa: E731
+    ratios["sepup_step_cnn"] = step_ratio(cnn, xi, yi, dev, args.quick, "CNN 4x16")
+    ratios["sepup_step_cnn_channels_last"] = step_ratio(cnn, xi, yi, dev, args.quick, "CNN 4x16 channels-last",
+                                                        memory_format=torch.channels_last)
     report(ratios)
 
 

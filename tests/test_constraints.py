@@ -284,6 +284,18 @@ def test_channels_last_feature_maps_give_the_same_penalty_and_gradient():
     assert any(torch.count_nonzero(a) > 0 for a in ga)
 
 
+def test_cpu_reductions_see_positions_as_one_innermost_block():
+    from alive.functional import _positions_innermost
+
+    z = torch.randn(4, 6, 5, 5)
+    assert _positions_innermost(z, 2) is z
+    stacked = z.view(4, 2, 3, 5, 5).transpose(0, 1)  # the grid's (nets, points, units, H, W) view
+    assert _positions_innermost(stacked, 3) is stacked
+    cl = z.contiguous(memory_format=torch.channels_last)
+    moved = _positions_innermost(cl, 2)
+    assert moved is not cl and moved.is_contiguous() and torch.equal(moved, z)
+
+
 def test_bfloat16_tie_counts_are_exact():
     z = torch.zeros(1, 257, 1, dtype=torch.bfloat16, requires_grad=True)  # 257 tied points
     (g_u, _) = stacked_separation_penalty(z, "u", rho=1.0, ties="split")

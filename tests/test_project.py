@@ -100,6 +100,7 @@ def test_notebook_parameters_are_the_experiments_smoke_defaults():
 
 def test_overhead_bench_prints_one_ratio_per_line():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--quick"], capture_output=True, text=True, check=True).stdout
-    tail = dict(line.split(": ") for line in out.strip().splitlines()[-4:])
-    assert set(tail) == {"linked_relu_vs_relu", "linked_relu_vs_naive", "sepup_step_mlp50x4", "sepup_step_cnn"}
+    tail = dict(line.split(": ") for line in out.strip().splitlines()[-5:])
+    assert set(tail) == {"linked_relu_vs_relu", "linked_relu_vs_naive", "sepup_step_mlp50x4", "sepup_step_cnn",
+                         "sepup_step_cnn_channels_last"}
     assert all(float(v) > 0 for v in tail.values())

@@ -158,11 +158,12 @@ class _Extremes(torch.autograd.Function):
         spatial = zs[0].dim() > lead
         maps, his, los = [], [], []
         for z in zs:
-            if spatial:  # any memory layout (channels_last too), no copy
+            if spatial:  # any memory layout (channels_last too)
                 positions = tuple(range(lead, z.dim()))
                 maps.append(z)
-                his.append(z.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
-                los.append(z.amin(positions))
+                src = _positions_innermost(z, lead)
+                his.append(src.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
+                los.append(src.amin(positions))
             else:
                 his.append(z)
         if layers:
@@ -225,6 +226,23 @@ class _Extremes(torch.autograd.Function):
                 lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape
                 grads.append(_spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
         return (None, None, None, *grads)
+
+
+def _positions_innermost(z: Tensor, lead: int) -> Tensor:
+    """``z`` with its spatial positions (dims ``lead:``) as one contiguous innermost block.
+
+    A CPU reduces over such a block ~15x faster than over positions strided by the channels
+    (channels-last maps: 5.8 ms vs 0.4 ms for the max and min of a 128x16x28x28 map), so
+    there one copy pays for itself. Accelerators reduce either layout well: no copy.
+    """
+    if z.device.type != "cpu":
+        return z
+    step = 1
+    for d in range(z.dim() - 1, lead - 1, -1):
+        if z.shape[d] != 1 and z.stride(d) != step:
+            return z.contiguous()
+        step *= z.shape[d]
+    return z
 
 
 def _share(x: Tensor, ext: Tensor, g: Tensor, dim: int, acc: Tensor | None = None) -> Tensor | None:
