@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .activations import make_activation, parse_activation
 from .config import RunConfig
-from .functional import _BIG, dense_separation_penalty, stacked_separation_penalty
+from .functional import _BIG, _positions_innermost, dense_separation_penalty, stacked_separation_penalty
 from .models import build_model, count_parameters
 from .train import (
     _autocast,
@@ -462,8 +462,8 @@ def _diagnostics(stack: GridStack, x: Tensor, batch: int) -> list[dict]:
     members = list(stack.activation.members) if stack.fac == 2 else []
 
     def reduce(l: int, z: Tensor, a: Tensor) -> None:
-        zs = stack.layout.stacked(z)  # (n_l, B, wm, *sp)
-        az = stack.layout.stacked(a)
+        zs = _positions_innermost(stack.layout.stacked(z), 3)  # (n_l, B, wm, *sp)
+        az = _positions_innermost(stack.layout.stacked(a), 3)
         red = (1,) + tuple(range(3, zs.dim()))
         zmax, zmin = zs.amax(red), zs.amin(red)
         hi[l] = zmax if l not in hi else torch.maximum(hi[l], zmax)
