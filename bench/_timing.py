@@ -13,11 +13,6 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def compare(fns: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 10, device="cpu", warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds."""
-    return medians(rounds_of(fns, rounds, repeat, device, warmup))
-
-
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     """The median of each function's per-round times."""
     return {k: statistics.median(v) for k, v in times.items()}

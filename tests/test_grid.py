@@ -186,10 +186,8 @@ def test_flattened_parameters_share_values_and_gradients_with_the_module():
 
 
 def test_stack_zero_grad_keeps_the_flat_gradient():
-    from alive.grid import _flatten_parameters
-
     stack = GridStack([BASE.replace(depth=2, width=3), BASE.replace(depth=1, width=2)], (2,), 2)
-    flat = _flatten_parameters(stack)
+    flat = stack.flatten_parameters()
     logits, _ = stack(torch.randn(4, 2))
     logits.sum().backward()
     assert flat.grad.abs().sum() > 0

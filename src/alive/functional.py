@@ -147,9 +147,9 @@ class _Extremes(torch.autograd.Function):
     the feature maps per extreme, which cost more than the network's own backward on a CPU.
     Here the gradient of an extreme over positions is non-zero only where a hinge is active
     (with unique extremes, at most units + points rows of a layer), and on a CPU only those
-    rows are computed; ties are shared
-    equally (``ties="split"``, like TensorFlow's ``reduce_max``) or, over points and units,
-    given to one arg-extreme (``"first"``, a few scatters). Ties over positions always split.
+    rows are computed; ties are shared equally (``ties="split"``, like TensorFlow's
+    ``reduce_max``) or, over points and units, given to one arg-extreme (``"first"``, a few
+    scatters). Ties over positions always split.
     """
 
     @staticmethod

@@ -227,9 +227,16 @@ class GridStack(nn.Module):
         self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)  # see functional._Extremes
         self.cfg0 = cfg0
 
+    def flatten_parameters(self) -> nn.Parameter:
+        """Make every parameter a view into one flat parameter (see :func:`_flatten_parameters`)
+        and return it, for the optimiser; from then on :meth:`zero_grad` zeroes in place."""
+        flat = _flatten_parameters(self)
+        object.__setattr__(self, "_flat", flat)  # not registered: the views are the parameters
+        return flat
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Once :func:`_flatten_parameters` has run, gradients are zeroed in place: setting them
-        to ``None`` would cut them off the flat gradient the optimiser reads."""
+        """After :meth:`flatten_parameters`, gradients are zeroed in place: setting them to
+        ``None`` would cut them off the flat gradient the optimiser reads."""
         flat = getattr(self, "_flat", None)
         if flat is None:
             return super().zero_grad(set_to_none)
@@ -554,8 +561,7 @@ def train_group(
     stack = GridStack(configs, ds.input_shape, ds.num_classes, ties=ties).to(dev)
     configs = stack.configs  # sorted by depth
     n = stack.n
-    flat = _flatten_parameters(stack)
-    opt = make_optimizer(cfg0, [flat])
+    opt = make_optimizer(cfg0, [stack.flatten_parameters()])
     n_train = ds.x_train.shape[0]
     steps = 1 if cfg0.batch_size is None else math.ceil(n_train / cfg0.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg0, steps))
@@ -672,7 +678,8 @@ def _flatten_parameters(module: nn.Module) -> nn.Parameter:
     Their gradients are views into the flat gradient too (autograd accumulates into an
     existing ``.grad`` in place), so the optimiser makes one update of one tensor per step
     instead of a few per layer: a stack of 120-layer networks has hundreds of parameters.
-    Zero ``flat.grad`` in place between steps (``set_to_none`` would cut the views).
+    Zero ``flat.grad`` in place between steps (``set_to_none`` would cut the views);
+    :meth:`GridStack.zero_grad` does.
     """
     params = list(module.parameters())
     if len({(p.dtype, p.device) for p in params}) != 1:
@@ -687,7 +694,6 @@ def _flatten_parameters(module: nn.Module) -> nn.Parameter:
         start += k
     flat = nn.Parameter(flat)
     flat.grad = grad
-    object.__setattr__(module, "_flat", flat)  # not a registered parameter: the views are
     return flat
 
 
