@@ -85,7 +85,9 @@ def _group_key(cfg: RunConfig) -> tuple:
 def _cost(cfg: RunConfig, batch: int) -> float:
     """Elements held for backward by one network in a stack (a memory estimate)."""
     spatial = 1 if cfg.model == "mlp" else 28 * 28 if cfg.dataset == "mnist" else 32 * 32
-    return cfg.depth * cfg.width * batch * spatial * 8.0
+    # a dense stack with a penalty also holds the concatenated pre-activations of each penalty run
+    # (GridStack.forward), for every net in it, constrained or not: counted for every dense net
+    return cfg.depth * cfg.width * batch * spatial * (9.0 if cfg.model == "mlp" else 8.0)
 
 
 def _width_buckets(members: Sequence[RunConfig], overhead: float) -> list[list[RunConfig]]:
