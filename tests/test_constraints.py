@@ -311,3 +311,67 @@ def test_padded_units_never_leak_into_a_point_even_when_not_finite():
         _, g_p = stacked_separation_penalty(z, "p", unit_mask=mask, ties=ties)
         # point 0: max 0.3, min -0.2 -> (0.7 + 0.8) / 2; point 1: max 0.5, min 0.1 -> (0.5 + 1.1) / 2
         assert g_p.item() == pytest.approx(0.75 + 0.8)
+
+
+def test_sparse_gradient_of_feature_maps_equals_the_dense_one_with_ties():
+    torch.manual_seed(7)
+    zs = [(torch.randn(5, 3, 4, 4) * 0.1).round(decimals=1) for _ in range(2)]  # every hinge active; ties
+    zs[0][1, 2], zs[0][2, 1] = 0.9, -0.9  # extremes tied over all 16 positions of their (point, unit)
+    grads = {}
+    for sparse in (False, True):
+        ts = [z.clone().requires_grad_(True) for z in zs]
+        g_u, g_p = stacked_separation_penalty(ts, sparse_grad=sparse)
+        parts = torch.autograd.grad((g_u * torch.tensor([1.0, 2.0])).sum() + g_p.sum(), ts)
+        assert all(p.is_sparse == sparse for p in parts)
+        grads[sparse] = [p.to_dense() for p in parts]
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[False], grads[True]))
+    assert all(torch.count_nonzero(a) > 0 for a in grads[False])
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("ties", ["split", "first"])
+def test_conv_models_take_the_sparse_penalty_gradient_and_match_the_dense_path(fmt, ties, monkeypatch):
+    import alive.functional as AF
+    from alive.models import RectCNN
+
+    torch.manual_seed(3)
+    a, b = (RectCNN(1, 10, 12, depth=3, width=4).to(memory_format=fmt) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 1, 12, 12).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (8,))
+    calls = []
+    original = AF._sparse_spread
+    monkeypatch.setattr(AF, "_sparse_spread", lambda *args: calls.append(1) or original(*args))
+    grads = []
+    for net, sparse in ((a, False), (b, True)):
+        sep = SeparationConstraint(net, kind="up", weight=0.5, ties=ties)
+        loss = nn.functional.cross_entropy(net(x), y)
+        if not sparse:
+            sep._densified[:] = [False] * len(sep._densified)  # the dense path, as accelerators take it
+        (loss + sep.penalty()).backward()
+        grads.append([p.grad for p in net.parameters()])
+        sep.remove()
+    assert len(calls) == 3  # one per constrained conv layer, on the sparse side only
+    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(*grads))
+    # the penalty alone: its sparse gradient reaches the convolutions dense (no other gradient to add to)
+    b.zero_grad()
+    with SeparationConstraint(b, kind="up", ties=ties) as sep:
+        b(x)
+        sep.penalty().backward()
+    first = b.features[0][0].weight
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_outputs_modified_in_place_are_refused_with_a_clear_error(conv):
+    layer, head = (nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 3)) if conv else (nn.Linear(3, 4), nn.Linear(4, 2))
+    net = nn.Sequential(layer, nn.ReLU(inplace=True), head)
+    x = torch.randn(4, 1, 8, 8) if conv else torch.randn(4, 3)
+    with SeparationConstraint(net, kind="up") as sep:
+        net(x)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            sep.penalty()
+    net[1] = nn.ReLU()
+    with SeparationConstraint(net, kind="up") as sep:
+        net(x)
+        assert sep.penalty().item() >= 0

@@ -57,6 +57,27 @@ class _GatherCat(torch.autograd.Function):
         return grad.narrow(ctx.dim, start, ctx.sizes[ctx.rank]), None
 
 
+class _Densify(torch.autograd.Function):
+    """Identity on a constrained feature map whose backward makes a lone sparse gradient dense.
+
+    The penalty sends its gradient to a CPU feature map as a sparse tensor (a handful of
+    extreme positions; a dense zero map plus its addition cost about a tenth of a CNN's step),
+    which autograd adds into the network's dense gradient. A convolution's backward cannot take
+    a sparse gradient alone (when the loss is the penalty only); passing the map through this
+    identity first guarantees that it never has to. The output shares the map's memory and
+    version counter but is not an autograd view, so the model may still modify it in place
+    (which :meth:`SeparationConstraint.penalty` then refuses, as for any captured output).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        return z.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.to_dense() if grad.is_sparse else grad
+
+
 def _global_extremes(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
     return _GatherCat.apply(hi.unsqueeze(0), 0).amax(0), _GatherCat.apply(lo.unsqueeze(0), 0).amin(0)
 
@@ -88,7 +109,11 @@ class SeparationConstraint:
 
     The hooks capture the *outputs* of the constrained layers, i.e. the pre-activation shared
     by all members of a linked activation. By default every ``Linear`` and ``Conv`` layer
-    except the output one is constrained; pass ``layers=`` to choose. Under data-parallel
+    except the output one is constrained; pass ``layers=`` to choose. Those outputs must not be
+    modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
+    would turn them into activations): :meth:`penalty` refuses such a forward pass. On a CPU,
+    feature maps pass through an identity (same values and memory) that lets the penalty's
+    gradient arrive as a sparse tensor. Under data-parallel
     training (``torch.distributed`` initialised) the extremes over points are taken over the
     global batch, so the penalty equals the single-process one.
 
@@ -142,15 +167,27 @@ class SeparationConstraint:
         if not self.layers:
             raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
         self._captured: list[Tensor] = []
+        self._densified: list[bool] = []
+        self._versions: list[int] = []
         self._handles = [model.register_forward_pre_hook(self._reset)]
         self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
 
     # hooks
     def _reset(self, module, args) -> None:
         self._captured.clear()
+        self._densified.clear()
+        self._versions.clear()
 
-    def _capture(self, module, args, output: Tensor) -> None:
+    def _capture(self, module, args, output: Tensor) -> Tensor | None:
+        # CPU feature maps take the penalty's gradient as a sparse tensor (see _Densify); the
+        # model goes on with the identity's output (same values and memory)
+        densify = output.dim() > 2 and output.device.type == "cpu" and output.requires_grad and torch.is_grad_enabled()
+        if densify:
+            output = _Densify.apply(output)
         self._captured.append(output)
+        self._densified.append(densify)
+        self._versions.append(output._version)
+        return output if densify else None
 
     # API
     @property
@@ -163,6 +200,12 @@ class SeparationConstraint:
         handful of operations instead of a handful per layer): ``(layer indices, g_U, g_P)``."""
         if not self._captured:
             raise RuntimeError("no forward pass has been recorded since the constraint was attached")
+        for i, (z, version) in enumerate(zip(self._captured, self._versions)):
+            if z._version != version:
+                raise RuntimeError(
+                    f"the output of a constrained layer (call {i} of the forward pass) "
+                    "was modified in place after it was captured (e.g. by nn.ReLU(inplace=True)), so the "
+                    "penalty would see post-activation values; use out-of-place activations after constrained layers")
         sync = _distributed()
         groups: dict[tuple, list[int]] = {}
         for i, z in enumerate(self._captured):
@@ -179,6 +222,7 @@ class SeparationConstraint:
                 reduce_extremes=_global_extremes if sync else None,
                 gather_points=_global_points if sync else None,
                 ties=self.ties,
+                sparse_grad=all(self._densified[i] for i in idx),
             )
             out.append((idx, g_u, g_p))
         return out
@@ -203,6 +247,8 @@ class SeparationConstraint:
     def clear(self) -> None:
         """Drop the captured pre-activations (frees their memory until the next forward)."""
         self._captured.clear()
+        self._densified.clear()
+        self._versions.clear()
 
     def remove(self) -> None:
         """Detach every hook; the model is left exactly as before."""
@@ -210,6 +256,8 @@ class SeparationConstraint:
             h.remove()
         self._handles = []
         self._captured.clear()
+        self._densified.clear()
+        self._versions.clear()
 
     def __enter__(self) -> "SeparationConstraint":
         return self

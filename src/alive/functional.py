@@ -149,11 +149,14 @@ class _Extremes(torch.autograd.Function):
     (with unique extremes, at most units + points rows of a layer), and on a CPU only those
     rows are computed; ties are shared equally (``ties="split"``, like TensorFlow's
     ``reduce_max``) or, over points and units, given to one arg-extreme (``"first"``, a few
-    scatters). Ties over positions always split.
+    scatters). Ties over positions always split. With ``sparse`` (CPU feature maps only) that
+    gradient leaves as a sparse tensor, so no dense zero map is made and added: only for maps
+    whose consumer turns a lone sparse gradient dense (:class:`alive.constraints.SeparationConstraint`
+    passes its maps through such an identity), since a convolution's backward cannot take one.
     """
 
     @staticmethod
-    def forward(ctx, ties: str, padded: Tensor | None, layers: bool, *zs: Tensor):
+    def forward(ctx, ties: str, padded: Tensor | None, layers: bool, sparse: bool, *zs: Tensor):
         lead = 2 if layers else 3
         spatial = zs[0].dim() > lead
         maps, his, los = [], [], []
@@ -187,6 +190,7 @@ class _Extremes(torch.autograd.Function):
             hu, lu, hp, lp = hs.max(1).values, ls.min(1).values, hp_in.amax(2), lp_in.amin(2)
             ctx.save_for_backward(hs, ls, hp_in, lp_in, hu, lu, hp, lp, *maps)
         ctx.ties, ctx.layers, ctx.spatial, ctx.units = ties, layers, spatial, hs.shape[2]
+        ctx.sparse = sparse and spatial and zs[0].device.type == "cpu"
         ctx.sizes = [1 if layers else z.shape[0] for z in zs]
         return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
 
@@ -224,8 +228,9 @@ class _Extremes(torch.autograd.Function):
                 rows = slice(start, start + size)
                 start += size
                 lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape
-                grads.append(_spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
-        return (None, None, None, *grads)
+                spread = _sparse_spread if ctx.sparse else _spread
+                grads.append(spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
+        return (None, None, None, None, *grads)
 
 
 def _positions_innermost(z: Tensor, lead: int) -> Tensor:
@@ -286,6 +291,29 @@ def _spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor:
     return out
 
 
+def _sparse_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor | None:
+    """:func:`_spread` as a sparse COO tensor (CPU): only the tied extreme positions of the rows
+    with a non-zero gradient are stored; duplicate entries add up, as ``index_put_`` accumulates."""
+    indices, values = [], []
+    for g, pick in ((g_hi, torch.amax), (g_lo, torch.amin)):
+        rows = g.reshape(-1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        index = torch.unravel_index(rows, g.shape)
+        sub = z[index]  # (rows, *positions)
+        dims = tuple(range(1, sub.dim()))
+        tied = sub == pick(sub, dims, keepdim=True)
+        share = g[index] / tied.sum(dims, dtype=torch.int32)
+        hits = tied.nonzero()  # (entries, 1 + positions): the row, then the position
+        row = hits[:, 0]
+        indices.append(torch.stack([i[row] for i in index] + list(hits[:, 1:].unbind(1))))
+        values.append(share[row].to(z.dtype))
+    if not indices:
+        return None
+    return torch.sparse_coo_tensor(torch.cat(indices, 1), torch.cat(values), z.shape, is_coalesced=False,
+                                   check_invariants=False)
+
+
 def dense_separation_penalty(
     z: Tensor,
     coef_u: Tensor,
@@ -309,7 +337,7 @@ def dense_separation_penalty(
     if aggregation not in ("paper", "squared_sum", "mean"):
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     n, b, w = z.shape
-    hi, lo = _Extremes.apply("first", padded, False, z)
+    hi, lo = _Extremes.apply("first", padded, False, False, z)
     s = rho * torch.relu(margin - hi) + (1.0 - rho) * torch.relu(margin + lo)
     if aggregation == "squared_sum":
         s = s * s
@@ -327,6 +355,7 @@ def separation_extremes(
     conv_reduction: str = "channel",
     unit_mask: Tensor | None = None,
     ties: str = "split",
+    sparse_grad: bool = False,
 ) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
     """The max and min behind every slack of one layer: ``((hi_u, lo_u), (hi_p, lo_p))``.
 
@@ -344,9 +373,10 @@ def separation_extremes(
     ties are shared among points, then among each point's tied positions. ``"first"`` gives
     it to one of the tied points or units: identical whenever extremes are unique, and faster
     (the positions of a channel still split; ``"position"`` reduction always splits).
+    ``sparse_grad``: see :class:`_Extremes` (only for maps whose consumer densifies).
     """
     want_u, want_p = "u" in kind, "p" in kind
-    joint = _joint_extremes(z, conv_reduction, unit_mask, ties)
+    joint = _joint_extremes(z, conv_reduction, unit_mask, ties, sparse_grad)
     if joint is None:
         return _position_extremes(z if isinstance(z, Tensor) else torch.stack(list(z)), want_u, want_p, unit_mask)
     hi, lo, units = joint
@@ -355,9 +385,11 @@ def separation_extremes(
     return u, p
 
 
-def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str) -> tuple[Tensor, Tensor, int] | None:
+def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
+                    sparse_grad: bool = False) -> tuple[Tensor, Tensor, int] | None:
     """``(hi, lo, units)`` with ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]`` of shape
-    ``(nets, units + points)`` (see :class:`_Extremes`); ``None`` for ``"position"`` reduction."""
+    ``(nets, units + points)`` (see :class:`_Extremes`, also for ``sparse_grad``); ``None`` for
+    ``"position"`` reduction."""
     if ties not in TIES:
         raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
     layers = not isinstance(z, Tensor)
@@ -367,7 +399,7 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str)
     if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
         return None
     padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
-    hi, lo = _Extremes.apply(ties, padded, layers, *zs)
+    hi, lo = _Extremes.apply(ties, padded, layers, sparse_grad, *zs)
     return hi, lo, zs[0].shape[1 if layers else 2]
 
 
@@ -474,6 +506,7 @@ def stacked_separation_penalty(
     reduce_extremes: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     gather_points: Callable[[Tensor], Tensor] | None = None,
     ties: str = "split",
+    sparse_grad: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(g_U, g_P)`` of one layer for each stacked net, shape ``(nets,)`` each (``None`` if not in ``kind``).
 
@@ -482,18 +515,19 @@ def stacked_separation_penalty(
 
     ``reduce_extremes`` and ``gather_points`` let data-parallel training see the global batch:
     the first merges per-unit extremes across processes, the second concatenates per-point
-    terms along dimension 1. See :func:`separation_extremes` for ``unit_mask`` and ``ties``.
+    terms along dimension 1. See :func:`separation_extremes` for ``unit_mask``, ``ties`` and
+    ``sparse_grad``.
     """
     joint = None
     if reduce_extremes is None and gather_points is None:
-        joint = _joint_extremes(z, conv_reduction, unit_mask, ties)
+        joint = _joint_extremes(z, conv_reduction, unit_mask, ties, sparse_grad)
     if joint is not None:  # every slack of the layer from one (nets, units + points) tensor
         hi, lo, units = joint
         s = combine_slacks(*_slacks(hi, lo, margin), rho)
         s_u = s[:, :units] if "u" in kind else None
         s_p = s[:, units:] if "p" in kind else None
     else:
-        u, p = separation_extremes(z, kind, conv_reduction, unit_mask, ties)
+        u, p = separation_extremes(z, kind, conv_reduction, unit_mask, ties, sparse_grad)
         s_u = s_p = None
         if u is not None:
             s_u = combine_slacks(*_slacks(*(u if reduce_extremes is None else reduce_extremes(*u)), margin), rho)
