@@ -375,3 +375,79 @@ def test_outputs_modified_in_place_are_refused_with_a_clear_error(conv):
     with SeparationConstraint(net, kind="up") as sep:
         net(x)
         assert sep.penalty().item() >= 0
+
+
+def _cnn_pair(fmt=torch.contiguous_format):
+    from alive.models import RectCNN
+
+    torch.manual_seed(5)
+    a, b = (RectCNN(1, 10, 12, depth=3, width=4).to(memory_format=fmt) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 1, 12, 12).contiguous(memory_format=fmt)
+    return a, b, x, torch.randint(0, 10, (8,))
+
+
+def _written_out_penalty(sep):
+    """λ·(g_U + g_P) of a constraint's captured maps through the reference formulas (autograd's amax)."""
+    return sep.weight * sum(
+        _reference_penalty(z.unsqueeze(0), sep.kind, sep.rho, sep.margin, sep.aggregation, sep.conv_reduction).sum()
+        for z in sep.preactivations)
+
+
+def test_gradients_with_respect_to_the_captured_preactivations_are_dense_and_exact():
+    net, _, x, _ = _cnn_pair()
+    with SeparationConstraint(net, kind="up", weight=1.0) as sep:
+        net(x)
+        zs = sep.preactivations
+        got = torch.autograd.grad(sep.penalty(), zs, retain_graph=True)
+        want = torch.autograd.grad(_written_out_penalty(sep), zs)
+    assert not any(g.is_sparse for g in got)
+    assert all(torch.allclose(g, w, atol=1e-7) and w.abs().sum() > 0 for g, w in zip(got, want))
+
+
+def test_second_order_gradients_through_the_penalty_of_conv_maps():
+    """A gradient-norm regulariser (create_graph) differentiates the penalty's gradient itself."""
+    a, b, x, y = _cnn_pair()
+    results = []
+    for net, penalty in ((a, SeparationConstraint.penalty), (b, _written_out_penalty)):
+        with SeparationConstraint(net, kind="up", weight=0.5) as sep:
+            loss = nn.functional.cross_entropy(net(x), y) + penalty(sep)
+            grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+            sum(g.square().sum() for g in grads).backward()
+        results.append([p.grad for p in net.parameters()])
+    assert all(torch.allclose(g, h, atol=1e-5) for g, h in zip(*results))
+    assert results[0][0].abs().sum() > 0
+
+
+def test_torch_func_grad_and_vmap_over_models_with_a_constraint():
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    a, b, x, y = _cnn_pair()
+    torch.manual_seed(6)
+    for p in b.parameters():
+        p.data.normal_(0, 0.3)
+    sep = SeparationConstraint(a, kind="up", weight=0.5)
+
+    def loss(params, buffers):
+        return nn.functional.cross_entropy(functional_call(a, (params, buffers), (x,)), y) + sep.penalty()
+
+    params, buffers = stack_module_state([a, b])
+    batched = vmap(grad(loss))(params, buffers)
+    single = grad(loss)(dict(a.named_parameters()), dict(a.named_buffers()))
+    for k, net in enumerate((a, b)):
+        with SeparationConstraint(net, kind="up", weight=0.5) as eager:
+            (nn.functional.cross_entropy(net(x), y) + eager.penalty()).backward()
+        for name, p in net.named_parameters():
+            assert torch.allclose(batched[name][k], p.grad, atol=1e-5), name
+            if k == 0:
+                assert torch.allclose(single[name], p.grad, atol=1e-5), name
+    sep.remove()
+
+
+def test_compiled_models_keep_the_dense_penalty_gradient():
+    a, b, x, y = _cnn_pair()
+    for model, net in ((torch.compile(a), a), (b, b)):
+        with SeparationConstraint(net, kind="up", weight=0.5) as sep:
+            (nn.functional.cross_entropy(model(x), y) + sep.penalty()).backward()
+    assert all(torch.allclose(p.grad, q.grad, atol=1e-5) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.features[0][0].weight.grad.abs().sum() > 0

@@ -65,8 +65,10 @@ def test_conv_cells_match_single_runs(data_dir):
                      n_train=192, n_test=64, seed=3)
     cfgs = [base.replace(depth=d, width=w, constraint=c, weight=1e-2 if c != "none" else 0.0, activation=a)
             for d, w, c, a in [(3, 4, "none", "relu"), (2, 2, "up", "relu"), (4, 3, "u", "relu"), (1, 4, "p", "relu")]]
-    _compare(cfgs, loss_tol=1e-6)
-    _compare([c.replace(activation="lk-relu") for c in cfgs], loss_tol=1e-6)
+    # float32 sums of grouped and single convolutions run in a CPU-dependent order (oneDNN picks
+    # kernels by instruction set): losses agree to ~1e-6 relative, not bit for bit
+    _compare(cfgs, loss_tol=5e-6)
+    _compare([c.replace(activation="lk-relu") for c in cfgs], loss_tol=5e-6)
     # the engine's default for conv stacks: index extremes over points and units
     _compare(cfgs, loss_tol=1e-4, exact_acc=False, ties="first")
 

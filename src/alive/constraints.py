@@ -69,9 +69,16 @@ class _Densify(torch.autograd.Function):
     (which :meth:`SeparationConstraint.penalty` then refuses, as for any captured output).
     """
 
+    # the split forward/setup_context form lets torch.func transforms (grad, vmap) pass through
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:
+    def forward(z: Tensor) -> Tensor:
         return z.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -167,6 +174,7 @@ class SeparationConstraint:
         if not self.layers:
             raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
         self._captured: list[Tensor] = []
+        self._raw: list[Tensor] = []
         self._densified: list[bool] = []
         self._versions: list[int] = []
         self._handles = [model.register_forward_pre_hook(self._reset)]
@@ -175,13 +183,22 @@ class SeparationConstraint:
     # hooks
     def _reset(self, module, args) -> None:
         self._captured.clear()
+        self._raw.clear()
         self._densified.clear()
         self._versions.clear()
 
     def _capture(self, module, args, output: Tensor) -> Tensor | None:
         # CPU feature maps take the penalty's gradient as a sparse tensor (see _Densify); the
-        # model goes on with the identity's output (same values and memory)
-        densify = output.dim() > 2 and output.device.type == "cpu" and output.requires_grad and torch.is_grad_enabled()
+        # model goes on with the identity's output (same values and memory). A compiled graph
+        # cannot take a sparse gradient, so compiled forwards keep the dense path.
+        densify = (
+            output.dim() > 2
+            and output.device.type == "cpu"
+            and output.requires_grad
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+        self._raw.append(output)
         if densify:
             output = _Densify.apply(output)
         self._captured.append(output)
@@ -192,8 +209,11 @@ class SeparationConstraint:
     # API
     @property
     def preactivations(self) -> list[Tensor]:
-        """The pre-activations captured during the last forward pass, in call order."""
-        return list(self._captured)
+        """The pre-activations captured during the last forward pass, in call order.
+
+        These are the layers' own outputs, so gradients taken with respect to them (``autograd.grad``,
+        ``retain_grad``, tensor hooks) are ordinary dense tensors."""
+        return list(self._raw)
 
     def _stacked_terms(self) -> list[tuple[list[int], Tensor | None, Tensor | None]]:
         """Layers of the same shape are penalised together in one pass (a deep thin net costs a
@@ -247,6 +267,7 @@ class SeparationConstraint:
     def clear(self) -> None:
         """Drop the captured pre-activations (frees their memory until the next forward)."""
         self._captured.clear()
+        self._raw.clear()
         self._densified.clear()
         self._versions.clear()
 
@@ -256,6 +277,7 @@ class SeparationConstraint:
             h.remove()
         self._handles = []
         self._captured.clear()
+        self._raw.clear()
         self._densified.clear()
         self._versions.clear()
 

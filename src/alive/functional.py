@@ -228,7 +228,8 @@ class _Extremes(torch.autograd.Function):
                 rows = slice(start, start + size)
                 start += size
                 lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape
-                spread = _sparse_spread if ctx.sparse else _spread
+                # a double backward (create_graph) differentiates this gradient: it must be dense
+                spread = _sparse_spread if ctx.sparse and not torch.is_grad_enabled() else _spread
                 grads.append(spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
         return (None, None, None, None, *grads)
 
@@ -399,8 +400,34 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
     if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
         return None
     padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
-    hi, lo = _Extremes.apply(ties, padded, layers, sparse_grad, *zs)
+    if torch._C._are_functorch_transforms_active():
+        hi, lo = _composite_extremes(ties, padded, layers, zs)
+    else:
+        hi, lo = _Extremes.apply(ties, padded, layers, sparse_grad, *zs)
     return hi, lo, zs[0].shape[1 if layers else 2]
+
+
+def _composite_extremes(ties: str, padded: Tensor | None, layers: bool, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:class:`_Extremes` from differentiable built-ins, for ``torch.func`` transforms (``grad``,
+    ``vmap``, ``jacrev``), which its hand-written, data-dependent backward cannot run under.
+    Same values and gradients: ``amax`` shares ties equally, ``max(dim)`` gives them to one."""
+    z = torch.stack(zs) if layers else zs[0]  # (nets, points, units, *spatial)
+    if z.dim() > 3:
+        positions = tuple(range(3, z.dim()))
+        hs, ls = z.amax(positions), z.amin(positions)
+    else:
+        hs = ls = z
+    if padded is None:
+        hp_in, lp_in = hs, ls
+    elif padded.dtype == torch.bool:
+        hp_in, lp_in = hs.masked_fill(padded, -math.inf), ls.masked_fill(padded, math.inf)
+    else:
+        hp_in, lp_in = hs - padded, ls + padded
+    if ties == "first":
+        hu, lu, hp, lp = hs.max(1).values, ls.min(1).values, hp_in.max(2).values, lp_in.min(2).values
+    else:
+        hu, lu, hp, lp = hs.amax(1), ls.amin(1), hp_in.amax(2), lp_in.amin(2)
+    return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
 
 
 def _position_extremes(z: Tensor, want_u: bool, want_p: bool, unit_mask: Tensor | None):
