@@ -400,11 +400,17 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
     if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
         return None
     padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
-    if torch._C._are_functorch_transforms_active():
+    if _transforms_active():
         hi, lo = _composite_extremes(ties, padded, layers, zs)
     else:
         hi, lo = _Extremes.apply(ties, padded, layers, sparse_grad, *zs)
     return hi, lo, zs[0].shape[1 if layers else 2]
+
+
+def _transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running (a private check)."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
 
 
 def _composite_extremes(ties: str, padded: Tensor | None, layers: bool, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
