@@ -39,6 +39,13 @@ def test_sweep_dry_run_and_profiles(tmp_path, capsys):
     assert main(["sweep", "--experiment", "moons", "--profile", "smoke", "--dry-run", "--store", str(tmp_path)]) == 0
     assert "30 runs, 0 stored" in capsys.readouterr().out
     assert load_profile("depth", "book")["profile"] == "book"
+    assert load_profile("moons", "book")["long"] == "paper"  # the stored paper grid beside the book one
+    from alive.config import ConfigError
+
+    with pytest.raises(ConfigError, match="named by a string"):
+        load_profile("moons", 5)  # e.g. papermill -p long 5
+    with pytest.raises(ConfigError, match="no profile file"):
+        load_profile("moons", "nope")
 
 
 def test_module_entry_point():

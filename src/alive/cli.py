@@ -53,11 +53,13 @@ def load_profile(experiment: str, profile: str, root: str | os.PathLike | None =
     """
     import yaml
 
+    if not isinstance(profile, str):
+        raise ConfigError(f"a profile is named by a string (smoke, book, paper, long), got {profile!r}")
     if profile == "smoke":
         return {"profile": "smoke"}
     path = Path(root if root is not None else project_folder("profiles")) / profile / f"{experiment}.yml"
     if not path.exists():
-        raise ConfigError(f"no profile file {path} (profiles: smoke, book, paper)")
+        raise ConfigError(f"no profile file {path} (profiles: smoke, book, paper, long)")
     with open(path) as f:
         values = yaml.safe_load(f) or {}
     values.setdefault("profile", profile)
