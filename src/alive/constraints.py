@@ -173,19 +173,15 @@ class SeparationConstraint:
         self.layers = list(layers) if layers is not None else hidden_layers(model, include_output)
         if not self.layers:
             raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
-        self._captured: list[Tensor] = []
-        self._raw: list[Tensor] = []
-        self._densified: list[bool] = []
+        self._raw: list[Tensor] = []  # the layers' outputs
+        self._captured: list[Tensor] = []  # what the penalty reads: the output, or its densifying identity
         self._versions: list[int] = []
         self._handles = [model.register_forward_pre_hook(self._reset)]
         self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
 
     # hooks
     def _reset(self, module, args) -> None:
-        self._captured.clear()
-        self._raw.clear()
-        self._densified.clear()
-        self._versions.clear()
+        self.clear()
 
     def _capture(self, module, args, output: Tensor) -> Tensor | None:
         # CPU feature maps take the penalty's gradient as a sparse tensor (see _Densify); the
@@ -202,7 +198,6 @@ class SeparationConstraint:
         if densify:
             output = _Densify.apply(output)
         self._captured.append(output)
-        self._densified.append(densify)
         self._versions.append(output._version)
         return output if densify else None
 
@@ -242,7 +237,7 @@ class SeparationConstraint:
                 reduce_extremes=_global_extremes if sync else None,
                 gather_points=_global_points if sync else None,
                 ties=self.ties,
-                sparse_grad=all(self._densified[i] for i in idx),
+                sparse_grad=all(self._captured[i] is not self._raw[i] for i in idx),
             )
             out.append((idx, g_u, g_p))
         return out
@@ -266,9 +261,8 @@ class SeparationConstraint:
 
     def clear(self) -> None:
         """Drop the captured pre-activations (frees their memory until the next forward)."""
-        self._captured.clear()
         self._raw.clear()
-        self._densified.clear()
+        self._captured.clear()
         self._versions.clear()
 
     def remove(self) -> None:
@@ -276,10 +270,7 @@ class SeparationConstraint:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._captured.clear()
-        self._raw.clear()
-        self._densified.clear()
-        self._versions.clear()
+        self.clear()
 
     def __enter__(self) -> "SeparationConstraint":
         return self

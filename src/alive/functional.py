@@ -175,12 +175,7 @@ class _Extremes(torch.autograd.Function):
         else:
             hs = his[0] if len(his) == 1 else torch.cat(his)
             ls = (los[0] if len(los) == 1 else torch.cat(los)) if spatial else hs
-        if padded is None:
-            hp_in, lp_in = hs, ls
-        elif padded.dtype == torch.bool:
-            hp_in, lp_in = hs.masked_fill(padded, -math.inf), ls.masked_fill(padded, math.inf)
-        else:
-            hp_in, lp_in = hs - padded, ls + padded
+        hp_in, lp_in = _without_padded_units(hs, ls, padded)
         if ties == "first":
             (hu, iu), (lu, ju) = hs.max(1), ls.min(1)
             (hp, ip), (lp, jp) = hp_in.max(2), lp_in.min(2)
@@ -249,6 +244,15 @@ def _positions_innermost(z: Tensor, lead: int) -> Tensor:
             return z.contiguous()
         step *= z.shape[d]
     return z
+
+
+def _without_padded_units(hs: Tensor, ls: Tensor, padded: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The inputs of the points' max and min, padded units kept out (see :class:`_Extremes`)."""
+    if padded is None:
+        return hs, ls
+    if padded.dtype == torch.bool:
+        return hs.masked_fill(padded, -math.inf), ls.masked_fill(padded, math.inf)
+    return hs - padded, ls + padded
 
 
 def _share(x: Tensor, ext: Tensor, g: Tensor, dim: int, acc: Tensor | None = None) -> Tensor | None:
@@ -423,12 +427,7 @@ def _composite_extremes(ties: str, padded: Tensor | None, layers: bool, zs: list
         hs, ls = z.amax(positions), z.amin(positions)
     else:
         hs = ls = z
-    if padded is None:
-        hp_in, lp_in = hs, ls
-    elif padded.dtype == torch.bool:
-        hp_in, lp_in = hs.masked_fill(padded, -math.inf), ls.masked_fill(padded, math.inf)
-    else:
-        hp_in, lp_in = hs - padded, ls + padded
+    hp_in, lp_in = _without_padded_units(hs, ls, padded)
     if ties == "first":
         hu, lu, hp, lp = hs.max(1).values, ls.min(1).values, hp_in.max(2).values, lp_in.min(2).values
     else:
