@@ -85,6 +85,33 @@ def test_split_ties_share_the_gradient():
     assert torch.allclose(z.grad, torch.full((4, 2), (0.49 - 0.51) / 4))
 
 
+@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_tied_dense_extremes_equal_autograd_max(ties, masked):
+    torch.manual_seed(5)
+    z = torch.randint(-2, 3, (3, 8, 4)).double().requires_grad_(True)  # many ties, over points and units
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]]).bool() if masked else None
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    g_u, g_p = stacked_separation_penalty(z * 0.7, "up", rho=0.6, unit_mask=mask, ties=ties)
+    (got,) = torch.autograd.grad(((g_u + 2 * g_p) * weights).sum(), z)
+    # autograd's amax shares a tied extreme's gradient equally; max(dim) gives it to the index it returns
+    zz = (z * 0.7).detach().requires_grad_(True)
+    hi_p = zz if mask is None else zz.masked_fill(~mask.unsqueeze(1), -1e30)
+    lo_p = zz if mask is None else zz.masked_fill(~mask.unsqueeze(1), 1e30)
+    if ties == "split":
+        ext = [zz.amax(1), zz.amin(1), hi_p.amax(2), lo_p.amin(2)]
+    else:
+        ext = [zz.max(1).values, zz.min(1).values, hi_p.max(2).values, lo_p.min(2).values]
+    su = 0.6 * torch.relu(1 - ext[0]) + 0.4 * torch.relu(1 + ext[1])
+    if mask is not None:
+        su = su * mask
+    sp = 0.6 * torch.relu(1 - ext[2]) + 0.4 * torch.relu(1 + ext[3])
+    ref = su.sum(1) + 2 * sp.sum(1)
+    assert torch.allclose(g_u + 2 * g_p, ref)
+    (want,) = torch.autograd.grad((ref * weights).sum(), zz)
+    assert torch.allclose(got, want * 0.7)
+
+
 def test_dense_fast_path_equals_reference_with_padding():
     torch.manual_seed(1)
     z = torch.randn(3, 9, 4, dtype=torch.float64)

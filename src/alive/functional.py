@@ -128,105 +128,129 @@ def _stack(z: Tensor) -> Tensor:
 TIES = ("split", "first")
 
 
-class _Extremes(torch.autograd.Function):
-    """Every extreme behind the slacks of one layer, for a group of nets, in one function.
+class _PositionExtremes(torch.autograd.Function):
+    """The max and min over the spatial positions of feature maps: ``(hs, ls)``, each
+    ``(nets, points, units)`` (a unit is a channel: the first reduction of the ``"channel"``
+    separation terms).
 
-    Input: the layer's pre-activations, either one stacked tensor ``(nets, points, units,
-    *spatial)`` or (``layers=True``) several same-shaped ``(points, units, *spatial)`` tensors,
-    one per net (the layers of one network that share a shape: their feature maps are reduced
-    where they are, only the small ``(points, units)`` results are stacked).
-    Spatial positions are reduced first (channel reduction: a unit is a channel), then the
-    per-unit (over points) and per-point (over real units) max and min come out concatenated
-    as ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]``, shape ``(nets, units + points)``.
-    ``padded`` (``(nets, 1, units)``) keeps padded units out of the points' extremes: a bool
-    mask (any values), or a float fill, 0 for real units and a huge value for padded ones,
-    subtracted (for the max) and added (for the min): about half the cost of a masked fill,
-    exact whenever the padded values are finite, as in the grid engine (they are exactly 0).
+    Input: one stacked map ``(nets, points, units, *spatial)`` or (``layers=True``) several
+    same-shaped ``(points, units, *spatial)`` maps, one per net (the layers of one network that
+    share a shape: each map is reduced where it is, only the small results are stacked).
 
     Why a function of its own: autograd's ``amax`` backward makes several dense passes over
     the feature maps per extreme, which cost more than the network's own backward on a CPU.
-    Here the gradient of an extreme over positions is non-zero only where a hinge is active
-    (with unique extremes, at most units + points rows of a layer), and on a CPU only those
-    rows are computed; ties are shared equally (``ties="split"``, like TensorFlow's
-    ``reduce_max``) or, over points and units, given to one arg-extreme (``"first"``, a few
-    scatters). Ties over positions always split. With ``sparse`` (CPU feature maps only) that
-    gradient leaves as a sparse tensor, so no dense zero map is made and added: only for maps
-    whose consumer turns a lone sparse gradient dense (:class:`alive.constraints.SeparationConstraint`
+    Here the gradient of an extreme is non-zero only where a hinge is active (with unique
+    extremes, at most units + points rows of a layer), and on a CPU only those rows are
+    computed; tied positions share it equally. With ``sparse`` (CPU maps only) that gradient
+    leaves as a sparse tensor, so no dense zero map is made and added: only for maps whose
+    consumer turns a lone sparse gradient dense (:class:`alive.constraints.SeparationConstraint`
     passes its maps through such an identity), since a convolution's backward cannot take one.
     """
 
     @staticmethod
-    def forward(ctx, ties: str, padded: Tensor | None, layers: bool, sparse: bool, *zs: Tensor):
+    def forward(ctx, layers: bool, sparse: bool, *zs: Tensor):
         lead = 2 if layers else 3
-        spatial = zs[0].dim() > lead
-        maps, his, los = [], [], []
-        for z in zs:
-            if spatial:  # any memory layout (channels_last too)
-                positions = tuple(range(lead, z.dim()))
-                maps.append(z)
-                src = _positions_innermost(z, lead)
-                his.append(src.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
-                los.append(src.amin(positions))
-            else:
-                his.append(z)
-        if layers:
-            hs = torch.stack(his)
-            ls = torch.stack(los) if spatial else hs
-        else:
-            hs = his[0] if len(his) == 1 else torch.cat(his)
-            ls = (los[0] if len(los) == 1 else torch.cat(los)) if spatial else hs
-        hp_in, lp_in = _without_padded_units(hs, ls, padded)
-        if ties == "first":
-            (hu, iu), (lu, ju) = hs.max(1), ls.min(1)
-            (hp, ip), (lp, jp) = hp_in.max(2), lp_in.min(2)
-            ctx.save_for_backward(iu, ju, ip, jp, *maps, hs, ls)
-        else:
-            # (max/min over dim 1 and amax/amin over dim 2 are the faster kernels on a CPU)
-            hu, lu, hp, lp = hs.max(1).values, ls.min(1).values, hp_in.amax(2), lp_in.amin(2)
-            ctx.save_for_backward(hs, ls, hp_in, lp_in, hu, lu, hp, lp, *maps)
-        ctx.ties, ctx.layers, ctx.spatial, ctx.units = ties, layers, spatial, hs.shape[2]
-        ctx.sparse = sparse and spatial and zs[0].device.type == "cpu"
+        his, los = [], []
+        for z in zs:  # any memory layout (channels_last too)
+            src = _positions_innermost(z, lead)
+            positions = tuple(range(lead, z.dim()))
+            his.append(src.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
+            los.append(src.amin(positions))
+        stack = torch.stack if layers else torch.cat
+        hs = his[0] if len(his) == 1 and not layers else stack(his)
+        ls = los[0] if len(los) == 1 and not layers else stack(los)
+        ctx.save_for_backward(*zs)
+        ctx.layers = layers
+        ctx.sparse = sparse and zs[0].device.type == "cpu"
         ctx.sizes = [1 if layers else z.shape[0] for z in zs]
+        return hs, ls
+
+    @staticmethod
+    def backward(ctx, gh: Tensor, gl: Tensor):
+        # a double backward (create_graph) differentiates this gradient: it must be dense
+        spread = _sparse_spread if ctx.sparse and not torch.is_grad_enabled() else _spread
+        grads, start = [], 0
+        for z, size in zip(ctx.saved_tensors, ctx.sizes):
+            rows = slice(start, start + size)
+            start += size
+            lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape
+            grads.append(spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
+        return (None, None, *grads)
+
+
+class _UnitPointExtremes(torch.autograd.Function):
+    """Every extreme behind the slacks of one layer for a stack of nets, in one function.
+
+    Input: ``hs`` (and ``ls``, or ``None`` for the same tensor), ``(nets, points, units)``:
+    the per-unit (over points) and per-point (over the real units) max of ``hs`` and min of
+    ``ls`` come out concatenated as ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]``, shape
+    ``(nets, units + points)``. ``padded`` (``(nets, 1, units)``) keeps padded units out of the
+    points' extremes: a bool mask (any values), or a float fill, 0 for real units and a huge
+    value for padded ones, subtracted (for the max) and added (for the min): exact whenever
+    the padded values are finite, as in the grid engine (they are exactly 0).
+
+    Ties: the gradient of an extreme is shared equally among tied entries (``"split"``, like
+    TensorFlow's ``reduce_max``) or given to the first of them (``"first"``, ``torch.max``).
+
+    Why a function of its own (autograd's ``amax`` backward makes several passes per extreme):
+    ``"first"`` keeps the arg-extremes of the forward and scatters the gradient to them.
+    ``"split"`` must find every tied entry again; thin layers have few units, and a CPU
+    compares and broadcasts over an innermost dimension of 4 at a fifth of its speed over a
+    long one, so that work happens on one transposed copy, ``(nets, units, points)``, with the
+    masks written as float comparisons straight into float tensors (a bool mask and its
+    conversion cost ~5x more on a CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, ties: str, padded: Tensor | None, hs: Tensor, ls: Tensor | None):
+        ctx.ties, ctx.units, ctx.joint = ties, hs.shape[2], ls is None
+        if ties == "first":
+            ls = hs if ls is None else ls
+            ph, pl = _without_padded_units(hs, ls, padded)
+            (hu, iu), (lu, ju), (hp, ip), (lp, jp) = hs.max(1), ls.min(1), ph.max(2), pl.min(2)
+            ctx.save_for_backward(iu, ju, ip, jp)
+            ctx.shapes = hs.shape, ls.shape
+        else:
+            xh = hs.transpose(1, 2).contiguous()  # (nets, units, points)
+            xl = xh if ls is None else ls.transpose(1, 2).contiguous()
+            ph, pl = _without_padded_units(xh, xl, None if padded is None else padded.transpose(1, 2))
+            hu, lu, hp, lp = xh.amax(2), xl.amin(2), ph.amax(1), pl.amin(1)
+            ctx.save_for_backward(xh, xl, ph, pl, hu, lu, hp, lp)
         return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
 
     @staticmethod
     def backward(ctx, ghi: Tensor, glo: Tensor):
-        saved = ctx.saved_tensors
         w = ctx.units
         ghu, ghp, glu, glp = ghi[:, :w], ghi[:, w:], glo[:, :w], glo[:, w:]
         if ctx.ties == "first":
-            iu, ju, ip, jp = saved[:4]
-            maps, hs, ls = saved[4:-2], saved[-2], saved[-1]
-            gh = ghi.new_zeros(hs.shape)
-            gl = gh if not ctx.spatial else ghi.new_zeros(ls.shape)
+            iu, ju, ip, jp = ctx.saved_tensors
+            gh = ghi.new_zeros(ctx.shapes[0])
+            gl = gh if ctx.joint else ghi.new_zeros(ctx.shapes[1])
             gh.scatter_add_(1, iu.unsqueeze(1), ghu.unsqueeze(1))
             gl.scatter_add_(1, ju.unsqueeze(1), glu.unsqueeze(1))
             gh.scatter_add_(2, ip.unsqueeze(2), ghp.unsqueeze(2))
             gl.scatter_add_(2, jp.unsqueeze(2), glp.unsqueeze(2))
-        else:
-            hs, ls, hp_in, lp_in, hu, lu, hp, lp = saved[:8]
-            maps = saved[8:]
-            gh = _share(hp_in, hp, ghp, 2, _share(hs, hu, ghu, 1))
-            gl = _share(lp_in, lp, glp, 2, _share(ls, lu, glu, 1, None if ctx.spatial else gh))
-            if not ctx.spatial:
-                gh = gl if gl is not None else hs.new_zeros(hs.shape)
-            else:
-                gh = hs.new_zeros(hs.shape) if gh is None else gh
-                gl = ls.new_zeros(ls.shape) if gl is None else gl
-        grads: list[Tensor] = []
-        if not ctx.spatial:
-            parts = gh.unbind(0) if ctx.layers else gh.split(ctx.sizes)
-            grads = list(parts)
-        else:
-            start = 0
-            for z, size in zip(maps, ctx.sizes):
-                rows = slice(start, start + size)
-                start += size
-                lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape
-                # a double backward (create_graph) differentiates this gradient: it must be dense
-                spread = _sparse_spread if ctx.sparse and not torch.is_grad_enabled() else _spread
-                grads.append(spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
-        return (None, None, None, None, *grads)
+            return None, None, gh, None if ctx.joint else gl
+        xh, xl, ph, pl, hu, lu, hp, lp = ctx.saved_tensors
+        gh = _add_tied(_add_tied(None, xh, hu, ghu, 2), ph, hp, ghp, 1)
+        gl = _add_tied(_add_tied(gh if ctx.joint else None, xl, lu, glu, 2), pl, lp, glp, 1)
+        if ctx.joint:
+            g = gl if gl is not None else torch.zeros_like(xh)
+            return None, None, g.transpose(1, 2).contiguous(), None
+        gh = torch.zeros_like(xh) if gh is None else gh
+        gl = torch.zeros_like(xl) if gl is None else gl
+        return None, None, gh.transpose(1, 2).contiguous(), gl.transpose(1, 2).contiguous()
+
+
+def _add_tied(acc: Tensor | None, x: Tensor, ext: Tensor, g: Tensor, dim: int) -> Tensor | None:
+    """Add to ``acc`` the gradient ``g`` of ``ext = x.amax(dim)`` (or amin) shared equally
+    among the tied entries. Inactive hinges give ``g == 0``: on a CPU that costs no pass."""
+    if g.device.type == "cpu" and not torch.count_nonzero(g):
+        return acc
+    tied = torch.eq(x, ext.unsqueeze(dim), out=torch.empty_like(x))
+    # float32 counts: exact for any number of points, also for bfloat16 maps
+    share = (g.unsqueeze(dim) / tied.sum(dim, keepdim=True, dtype=torch.float32)).to(x.dtype)
+    return tied.mul_(share) if acc is None else acc.addcmul_(tied, share)
 
 
 def _positions_innermost(z: Tensor, lead: int) -> Tensor:
@@ -247,25 +271,12 @@ def _positions_innermost(z: Tensor, lead: int) -> Tensor:
 
 
 def _without_padded_units(hs: Tensor, ls: Tensor, padded: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The inputs of the points' max and min, padded units kept out (see :class:`_Extremes`)."""
+    """The inputs of the points' max and min, padded units kept out (see :class:`_UnitPointExtremes`)."""
     if padded is None:
         return hs, ls
     if padded.dtype == torch.bool:
         return hs.masked_fill(padded, -math.inf), ls.masked_fill(padded, math.inf)
     return hs - padded, ls + padded
-
-
-def _share(x: Tensor, ext: Tensor, g: Tensor, dim: int, acc: Tensor | None = None) -> Tensor | None:
-    """Add to ``acc`` the gradient ``g`` of ``ext = x.amax(dim)`` (or amin), shared equally
-    among the tied entries. Inactive hinges give ``g == 0``: on a CPU that costs no pass."""
-    if g.device.type == "cpu" and not g.any():
-        return acc
-    tied = x == ext.unsqueeze(dim)
-    # an exact integer count (a bfloat16 sum would round it above 256); int32, because PyTorch's
-    # CPU sum of bools into int64 is ~6x slower on large stacks
-    count = tied.sum(dim, dtype=torch.int32)
-    part = tied.to(x.dtype).mul_((g / count).unsqueeze(dim))
-    return part if acc is None else acc.add_(part)
 
 
 def _spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor:
@@ -334,7 +345,7 @@ def dense_separation_penalty(
     A fast path of :func:`stacked_separation_penalty` (``ties="first"``) for the grid engine:
     every slack of the layer is formed and weighted in one pass over a ``(nets, units +
     points)`` tensor. ``coef_u`` / ``coef_p`` (``(nets,)``) are the per-net λ (0 switches a
-    term off); ``padded`` (see :class:`_Extremes`) masks padded units out of the points' extremes and
+    term off); ``padded`` (see :class:`_UnitPointExtremes`) masks padded units out of the points' extremes and
     ``unit_weight`` (``(nets, units)``, 0 for padded units) out of the unit terms.
     Aggregations: ``"paper"``, ``"squared_sum"``, ``"mean"`` (``"norm"`` is not separable:
     use :func:`stacked_separation_penalty`).
@@ -342,8 +353,8 @@ def dense_separation_penalty(
     if aggregation not in ("paper", "squared_sum", "mean"):
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     n, b, w = z.shape
-    hi, lo = _Extremes.apply("first", padded, False, False, z)
-    s = rho * torch.relu(margin - hi) + (1.0 - rho) * torch.relu(margin + lo)
+    hi, lo = _UnitPointExtremes.apply("first", padded, z, None)
+    s = _combined_slacks(hi, lo, margin, rho)
     if aggregation == "squared_sum":
         s = s * s
     cu = coef_u[:, None] if unit_weight is None else coef_u[:, None] * unit_weight
@@ -378,7 +389,7 @@ def separation_extremes(
     ties are shared among points, then among each point's tied positions. ``"first"`` gives
     it to one of the tied points or units: identical whenever extremes are unique, and faster
     (the positions of a channel still split; ``"position"`` reduction always splits).
-    ``sparse_grad``: see :class:`_Extremes` (only for maps whose consumer densifies).
+    ``sparse_grad``: see :class:`_PositionExtremes` (only for maps whose consumer densifies).
     """
     want_u, want_p = "u" in kind, "p" in kind
     joint = _joint_extremes(z, conv_reduction, unit_mask, ties, sparse_grad)
@@ -393,7 +404,7 @@ def separation_extremes(
 def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
                     sparse_grad: bool = False) -> tuple[Tensor, Tensor, int] | None:
     """``(hi, lo, units)`` with ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]`` of shape
-    ``(nets, units + points)`` (see :class:`_Extremes`, also for ``sparse_grad``); ``None`` for
+    ``(nets, units + points)`` (see :class:`_UnitPointExtremes`; ``sparse_grad``: :class:`_PositionExtremes`); ``None`` for
     ``"position"`` reduction."""
     if ties not in TIES:
         raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
@@ -407,7 +418,11 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
     if _transforms_active():
         hi, lo = _composite_extremes(ties, padded, layers, zs)
     else:
-        hi, lo = _Extremes.apply(ties, padded, layers, sparse_grad, *zs)
+        if zs[0].dim() > (2 if layers else 3):
+            hs, ls = _PositionExtremes.apply(layers, sparse_grad, *zs)
+        else:
+            hs, ls = torch.stack(zs) if layers else zs[0], None
+        hi, lo = _UnitPointExtremes.apply(ties, padded, hs, ls)
     return hi, lo, zs[0].shape[1 if layers else 2]
 
 
@@ -418,7 +433,7 @@ def _transforms_active() -> bool:
 
 
 def _composite_extremes(ties: str, padded: Tensor | None, layers: bool, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """:class:`_Extremes` from differentiable built-ins, for ``torch.func`` transforms (``grad``,
+    """:class:`_PositionExtremes` and :class:`_UnitPointExtremes` from differentiable built-ins, for ``torch.func`` transforms (``grad``,
     ``vmap``, ``jacrev``), which its hand-written, data-dependent backward cannot run under.
     Same values and gradients: ``amax`` shares ties equally, ``max(dim)`` gives them to one."""
     z = torch.stack(zs) if layers else zs[0]  # (nets, points, units, *spatial)
@@ -501,6 +516,35 @@ def point_slacks(z: Tensor, margin: float = 1.0, conv_reduction: str = "channel"
     return xp[0], xm[0]
 
 
+class _Hinges(torch.autograd.Function):
+    """``ρ·relu(m − hi) + (1 − ρ)·relu(m + lo)`` (:func:`combine_slacks` of the slacks) as one
+    autograd node: the penalty of a thin deep net is a few small tensors, where the graph's
+    per-node cost is more than the arithmetic."""
+
+    @staticmethod
+    def forward(ctx, hi: Tensor, lo: Tensor, margin: float, rho: float) -> Tensor:
+        ctx.save_for_backward(hi, lo)
+        ctx.margin, ctx.rho = margin, rho
+        s = torch.rsub(hi, margin).clamp_min_(0).mul_(rho)
+        return s.add_(torch.add(lo, margin).clamp_min_(0), alpha=1.0 - rho)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        hi, lo = ctx.saved_tensors
+        m, rho = ctx.margin, ctx.rho
+        # the hinges' own derivative is 0 or 1 (relu' (0) = 0, as autograd's): a float mask
+        g_hi = torch.lt(hi.detach(), m, out=torch.empty_like(hi)).mul_(g).mul_(-rho)
+        g_lo = torch.gt(lo.detach(), -m, out=torch.empty_like(lo)).mul_(g).mul_(1.0 - rho)
+        return g_hi, g_lo, None, None
+
+
+def _combined_slacks(hi: Tensor, lo: Tensor, margin: float, rho: float) -> Tensor:
+    """``combine_slacks(*_slacks(hi, lo, margin), rho)``, one node outside ``torch.func``."""
+    if _transforms_active():
+        return combine_slacks(*_slacks(hi, lo, margin), rho)
+    return _Hinges.apply(hi, lo, margin, rho)
+
+
 def combine_slacks(xi_plus: Tensor, xi_minus: Tensor, rho: float) -> Tensor:
     r"""The ρ-convex combination :math:`\rho\,\xi^+ + (1-\rho)\,\xi^-`.
 
@@ -555,7 +599,7 @@ def stacked_separation_penalty(
         joint = _joint_extremes(z, conv_reduction, unit_mask, ties, sparse_grad)
     if joint is not None:  # every slack of the layer from one (nets, units + points) tensor
         hi, lo, units = joint
-        s = combine_slacks(*_slacks(hi, lo, margin), rho)
+        s = _combined_slacks(hi, lo, margin, rho)
         s_u = s[:, :units] if "u" in kind else None
         s_p = s[:, units:] if "p" in kind else None
     else:

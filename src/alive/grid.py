@@ -226,7 +226,7 @@ class GridStack(nn.Module):
         self.kinds = ("u" if self.any_u else "") + ("p" if self.any_p else "")
         # the dense fast path (index extremes, one weighted pass per layer) unless ties must split
         self.fast = not self.conv and self.ties == "first" and cfg0.aggregation != "norm"
-        self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)  # see functional._Extremes
+        self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)  # see functional._UnitPointExtremes
         self.cfg0 = cfg0
 
     def flatten_parameters(self) -> nn.Parameter:
