@@ -71,3 +71,26 @@ def test_grid_helpers():
     assert E.deepest_good(grid, "relu", 0.95) == 10
     assert E.deepest_good(grid, "relu", 0.95, width=1) is None
     assert E.narrowest_good(grid, "relu", 0.95, depth=1) == 2
+
+
+def test_stored_results_by_seed_and_their_claims_side_by_side():
+    from alive.results import MissingResult
+
+    kw = dict(widths=[1, 2], depths=[1, 3], epochs=5, methods=["relu", "sep-up"])
+    E.run("moons", seeds=[10, 11], progress="quiet", **kw)  # trains both seeds into the test's store
+    by_seed = E.stored_by_seed("moons", [10, 11], **kw)
+    assert list(by_seed) == ["seed 10", "seed 11", "median of 2 seeds"]
+    assert set(by_seed["seed 11"].extra["grid"].seed) == {11}
+    assert set(by_seed["median of 2 seeds"].extra["grid"].seed) == {10, 11}
+    claims = E.compare_claims(by_seed)
+    assert list(claims.index) == list(by_seed["seed 10"].claims.claim)
+    assert list(claims.columns) == [("", "paper")] + [(k, c) for k in by_seed for c in ("ours", "verdict")]
+    assert list(claims[("seed 11", "ours")]) == list(by_seed["seed 11"].claims.ours)
+    assert len(E.compare_methods(by_seed)) == 3 * 2
+    with pytest.raises(MissingResult, match="seed 12"):
+        E.stored_by_seed("moons", [10, 12], **kw)
+    assert set(E.stored("moons", seeds=(11,), **kw).extra["grid"].seed) == {11}
+    with pytest.raises(ConfigError, match="seeds must be"):
+        E.stored("moons", seeds=11, **kw)
+    with pytest.raises(ConfigError, match="non-empty list of seeds"):
+        E.stored_by_seed("moons", 11, **kw)

@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,7 +34,9 @@ __all__ = [
     "METHODS",
     "METHOD_LABELS",
     "compare_methods",
+    "compare_claims",
     "stored",
+    "stored_by_seed",
     "deepest_good",
     "narrowest_good",
 ]
@@ -55,6 +57,7 @@ class Common:
     device: str | None = None
     precision: str = "auto"
     long: str | None = None  # a profile of longer, stored runs the notebook shows (it never trains them)
+    long_seeds: list[int] | None = None  # the seeds of those runs to show (None: the long profile's own)
 
     def __post_init__(self):
         check_fields(self)
@@ -891,6 +894,41 @@ def compare_methods(results: dict[str, ExperimentResult]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["data", "method"])
 
 
+def compare_claims(results: dict[str, ExperimentResult]) -> pd.DataFrame:
+    """The claims of several results of one experiment side by side (e.g. one per seed): one
+    row per claim, the paper's statement, then ``ours`` and ``verdict`` under each label."""
+    tables = {label: res.claims.set_index("claim") for label, res in results.items()}
+    if not tables:
+        raise ValueError("compare_claims needs at least one result")
+    first = next(iter(tables.values()))
+    parts = {("", "paper"): first["paper"]}
+    for label, t in tables.items():
+        parts[(label, "ours")] = t["ours"]
+        parts[(label, "verdict")] = t["verdict"]
+    return pd.DataFrame(parts)
+
+
+def stored_by_seed(name: str, seeds: Sequence[int], profile: str | None = None, **values) -> dict[str, ExperimentResult]:
+    """Stored results of experiment ``name`` (see :func:`stored`) for each seed alone, then for
+    all of them together (``"median of n seeds"``): the labels :func:`compare_methods` and
+    :func:`compare_claims` show. Raises :class:`~alive.results.MissingResult` naming the first
+    seed whose runs are not all stored (never trains)."""
+    from .results import MissingResult
+
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise ConfigError(f"stored_by_seed needs a non-empty list of seeds, got {seeds!r}")
+    seeds = list(seeds)
+    out: dict[str, ExperimentResult] = {}
+    for s in seeds:
+        res = stored(name, profile=profile, seeds=[s], **values)
+        if res is None:
+            raise MissingResult(f"not every run of {name!r} ({profile or 'given'} parameters) is stored for seed {s}")
+        out[f"seed {s}"] = res
+    if len(seeds) > 1:
+        out[f"median of {len(seeds)} seeds"] = stored(name, profile=profile, seeds=seeds, **values)
+    return out
+
+
 def _lookup(name: str) -> _Experiment:
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}")
@@ -920,19 +958,23 @@ def configs(name: str, **values) -> list[RunConfig]:
     return _lookup(name).configs(params(name, **values))
 
 
-def stored(name: str, profile: str | None = None, store: Store | None = None, partial: bool = False, **values) -> ExperimentResult | None:
+def stored(name: str, profile: str | None = None, store: Store | None = None, partial: bool = False,
+           seeds: Sequence[int] | None = None, **values) -> ExperimentResult | None:
     """Experiment ``name`` from stored records only (never trains).
 
     For results too long to train on a CPU that were computed elsewhere (a GPU) and committed,
     such as each linked-neurons chapter's longer runs (``profile="long"``: the parameters of
     ``profiles/long/<name>.yml``, updated by ``values``). Returns None unless every run is
     stored, or, with ``partial=True``, unless at least one is (the tables show what is there).
+    ``seeds``: the seeds to read (``None``: those of the profile, or of ``values``).
     """
     from .cli import load_profile
     from .results import MissingResult
 
     if profile is not None:
         values = {**load_profile(name, profile), **values}
+    if seeds is not None:  # (anything but a list of ints gets the parameters' clear error)
+        values["seeds"] = list(seeds) if isinstance(seeds, tuple) else seeds
     try:
         return run(name, store=store, train=False, partial=partial, **values)
     except MissingResult:

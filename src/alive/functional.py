@@ -404,8 +404,8 @@ def separation_extremes(
 def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
                     sparse_grad: bool = False) -> tuple[Tensor, Tensor, int] | None:
     """``(hi, lo, units)`` with ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]`` of shape
-    ``(nets, units + points)`` (see :class:`_UnitPointExtremes`; ``sparse_grad``: :class:`_PositionExtremes`); ``None`` for
-    ``"position"`` reduction."""
+    ``(nets, units + points)`` (see :class:`_UnitPointExtremes`, and :class:`_PositionExtremes`
+    for ``sparse_grad``); ``None`` for ``"position"`` reduction."""
     if ties not in TIES:
         raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
     layers = not isinstance(z, Tensor)
@@ -417,12 +417,10 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
     padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
     if _transforms_active():
         hi, lo = _composite_extremes(ties, padded, layers, zs)
+    elif zs[0].dim() > (2 if layers else 3):  # feature maps: positions first, each map where it is
+        hi, lo = _UnitPointExtremes.apply(ties, padded, *_PositionExtremes.apply(layers, sparse_grad, *zs))
     else:
-        if zs[0].dim() > (2 if layers else 3):
-            hs, ls = _PositionExtremes.apply(layers, sparse_grad, *zs)
-        else:
-            hs, ls = torch.stack(zs) if layers else zs[0], None
-        hi, lo = _UnitPointExtremes.apply(ties, padded, hs, ls)
+        hi, lo = _UnitPointExtremes.apply(ties, padded, torch.stack(zs) if layers else zs[0], None)
     return hi, lo, zs[0].shape[1 if layers else 2]
 
 
@@ -433,9 +431,10 @@ def _transforms_active() -> bool:
 
 
 def _composite_extremes(ties: str, padded: Tensor | None, layers: bool, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """:class:`_PositionExtremes` and :class:`_UnitPointExtremes` from differentiable built-ins, for ``torch.func`` transforms (``grad``,
-    ``vmap``, ``jacrev``), which its hand-written, data-dependent backward cannot run under.
-    Same values and gradients: ``amax`` shares ties equally, ``max(dim)`` gives them to one."""
+    """:class:`_PositionExtremes` and :class:`_UnitPointExtremes` from differentiable built-ins,
+    for ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``), which their hand-written,
+    data-dependent backwards cannot run under. Same values and gradients: ``amax`` shares ties
+    equally, ``max(dim)`` gives them to one."""
     z = torch.stack(zs) if layers else zs[0]  # (nets, points, units, *spatial)
     if z.dim() > 3:
         positions = tuple(range(3, z.dim()))
