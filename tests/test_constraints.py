@@ -112,6 +112,45 @@ def test_tied_dense_extremes_equal_autograd_max(ties, masked):
     assert torch.allclose(got, want * 0.7)
 
 
+@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("width", [1, 4])
+@pytest.mark.parametrize("padding", [None, "mask", "fill"])
+def test_hand_written_extremes_equal_the_built_ins_to_second_order(ties, width, padding, monkeypatch):
+    from alive import functional as AF
+
+    torch.manual_seed(6)
+    w = (torch.randint(-3, 4, (3, 7, width)).double() / 3).requires_grad_(True)  # ties everywhere
+    mask = torch.ones(3, width, dtype=torch.bool)
+    mask[1:, width // 2 + 1:] = False  # nets 1 and 2 have padded units (when width > 1)
+    padded = {None: None, "mask": ~mask.unsqueeze(1), "fill": (~mask).double().unsqueeze(1) * 1e30}[padding]
+
+    def penalty():
+        z = torch.tanh(w) * mask.unsqueeze(1)  # padded units are exactly 0, as in the grid engine
+        hi, lo = AF._UnitPointExtremes.apply(ties, padded, z, None) if not AF._transforms_active() else \
+            AF._composite_extremes(ties, padded, False, [z])
+        return AF._combined_slacks(hi, lo, 1.0, 0.6).square().sum()  # squared: the upstream gradient depends on w
+
+    def first_and_second():
+        (g,) = torch.autograd.grad(penalty(), w, create_graph=True)
+        (h,) = torch.autograd.grad((g * g).sum(), w)
+        return penalty().detach(), g.detach(), h
+
+    got = first_and_second()
+    monkeypatch.setattr(AF, "_transforms_active", lambda: True)  # the built-in composite path
+    want = first_and_second()
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b), (ties, width, padding)
+
+
+def test_hinge_gradient_passes_nan_as_autograd_relu_does():
+    from alive.functional import _combined_slacks
+
+    hi = torch.tensor([[float("nan"), 0.5, 2.0]], requires_grad=True)
+    lo = torch.tensor([[float("nan"), -0.5, -2.0]], requires_grad=True)
+    _combined_slacks(hi, lo, 1.0, 0.6).sum().backward()
+    assert torch.allclose(hi.grad, torch.tensor([[-0.6, -0.6, 0.0]])) and torch.allclose(lo.grad, torch.tensor([[0.4, 0.4, 0.0]]))
+
+
 def test_dense_fast_path_equals_reference_with_padding():
     torch.manual_seed(1)
     z = torch.randn(3, 9, 4, dtype=torch.float64)

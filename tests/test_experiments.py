@@ -92,5 +92,7 @@ def test_stored_results_by_seed_and_their_claims_side_by_side():
     assert set(E.stored("moons", seeds=(11,), **kw).extra["grid"].seed) == {11}
     with pytest.raises(ConfigError, match="seeds must be"):
         E.stored("moons", seeds=11, **kw)
-    with pytest.raises(ConfigError, match="non-empty list of seeds"):
+    with pytest.raises(ConfigError, match="non-empty list of distinct seeds"):
         E.stored_by_seed("moons", 11, **kw)
+    with pytest.raises(ConfigError, match="distinct"):
+        E.stored_by_seed("moons", [10, 10], **kw)

@@ -122,7 +122,7 @@ class SeparationConstraint:
     feature maps pass through an identity (same values and memory) that lets the penalty's
     gradient arrive as a sparse tensor. Under data-parallel
     training (``torch.distributed`` initialised) the extremes over points are taken over the
-    global batch, so the penalty equals the single-process one.
+    global batch, so the penalty equals the single-process one (to float rounding).
 
     Args:
         model: the network; the penalty refers to its last forward pass.

@@ -900,12 +900,13 @@ def compare_claims(results: dict[str, ExperimentResult]) -> pd.DataFrame:
     tables = {label: res.claims.set_index("claim") for label, res in results.items()}
     if not tables:
         raise ValueError("compare_claims needs at least one result")
-    first = next(iter(tables.values()))
-    parts = {("", "paper"): first["paper"]}
+    claims = list(dict.fromkeys(c for t in tables.values() for c in t.index))  # first seen first
+    paper = pd.concat([t["paper"] for t in tables.values()])
+    parts = {("", "paper"): paper[~paper.index.duplicated()].reindex(claims)}
     for label, t in tables.items():
-        parts[(label, "ours")] = t["ours"]
-        parts[(label, "verdict")] = t["verdict"]
-    return pd.DataFrame(parts)
+        parts[(label, "ours")] = t["ours"].reindex(claims)
+        parts[(label, "verdict")] = t["verdict"].reindex(claims)
+    return pd.DataFrame(parts, index=pd.Index(claims, name="claim"))
 
 
 def stored_by_seed(name: str, seeds: Sequence[int], profile: str | None = None, **values) -> dict[str, ExperimentResult]:
@@ -915,8 +916,8 @@ def stored_by_seed(name: str, seeds: Sequence[int], profile: str | None = None, 
     seed whose runs are not all stored (never trains)."""
     from .results import MissingResult
 
-    if not isinstance(seeds, (list, tuple)) or not seeds:
-        raise ConfigError(f"stored_by_seed needs a non-empty list of seeds, got {seeds!r}")
+    if not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"stored_by_seed needs a non-empty list of distinct seeds, got {seeds!r}")
     seeds = list(seeds)
     out: dict[str, ExperimentResult] = {}
     for s in seeds:

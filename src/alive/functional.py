@@ -248,7 +248,7 @@ def _add_tied(acc: Tensor | None, x: Tensor, ext: Tensor, g: Tensor, dim: int) -
     if g.device.type == "cpu" and not torch.count_nonzero(g):
         return acc
     tied = torch.eq(x, ext.unsqueeze(dim), out=torch.empty_like(x))
-    # float32 counts: exact for any number of points, also for bfloat16 maps
+    # float32 counts: exact up to 2**24 tied entries, also for bfloat16 maps
     share = (g.unsqueeze(dim) / tied.sum(dim, keepdim=True, dtype=torch.float32)).to(x.dtype)
     return tied.mul_(share) if acc is None else acc.addcmul_(tied, share)
 
@@ -353,7 +353,10 @@ def dense_separation_penalty(
     if aggregation not in ("paper", "squared_sum", "mean"):
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     n, b, w = z.shape
-    hi, lo = _UnitPointExtremes.apply("first", padded, z, None)
+    if _transforms_active():
+        hi, lo = _composite_extremes("first", padded, False, [z])
+    else:
+        hi, lo = _UnitPointExtremes.apply("first", padded, z, None)
     s = _combined_slacks(hi, lo, margin, rho)
     if aggregation == "squared_sum":
         s = s * s
@@ -531,9 +534,9 @@ class _Hinges(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         hi, lo = ctx.saved_tensors
         m, rho = ctx.margin, ctx.rho
-        # the hinges' own derivative is 0 or 1 (relu' (0) = 0, as autograd's): a float mask
-        g_hi = torch.lt(hi.detach(), m, out=torch.empty_like(hi)).mul_(g).mul_(-rho)
-        g_lo = torch.gt(lo.detach(), -m, out=torch.empty_like(lo)).mul_(g).mul_(1.0 - rho)
+        # relu's derivative as autograd takes it: 1 unless the hinge's input is <= 0 (so a NaN passes)
+        g_hi = (g * -rho).masked_fill_(hi.detach() >= m, 0)
+        g_lo = (g * (1.0 - rho)).masked_fill_(lo.detach() <= -m, 0)
         return g_hi, g_lo, None, None
 
 
