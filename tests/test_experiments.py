@@ -96,3 +96,5 @@ def test_stored_results_by_seed_and_their_claims_side_by_side():
         E.stored_by_seed("moons", 11, **kw)
     with pytest.raises(ConfigError, match="distinct"):
         E.stored_by_seed("moons", [10, 10], **kw)
+    assert list(E.by_seed(by_seed["median of 2 seeds"])) == list(by_seed)
+    assert list(E.by_seed(by_seed["seed 10"])) == ["seed 10"]

@@ -225,20 +225,14 @@ class SeparationConstraint:
                 "was modified in place after it was captured (e.g. by nn.ReLU(inplace=True)), so the "
                 "penalty would see post-activation values; use out-of-place activations after constrained layers")
         sync = _distributed()
-        keys = [(z.shape, z.dtype, z.device) for z in captured]
         groups: dict[tuple, list[int]] = {}
-        if len(set(keys)) == 1:
-            groups[keys[0]] = list(range(len(keys)))
-        else:
-            for i, key in enumerate(keys):
-                groups.setdefault(key, []).append(i)
+        for i, z in enumerate(captured):
+            groups.setdefault((z.shape, z.dtype, z.device), []).append(i)
         densified = [c is not r for c, r in zip(captured, self._raw)]
         out = []
         for idx in groups.values():
-            zs = [captured[i] for i in idx]
-            # dense layers are stacked here (one copy); feature maps are reduced where they are
             g_u, g_p = stacked_separation_penalty(
-                torch.stack(zs) if zs[0].dim() == 2 else zs,
+                [captured[i] for i in idx],
                 self.kind,
                 self.rho,
                 self.margin,

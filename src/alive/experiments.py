@@ -35,6 +35,7 @@ __all__ = [
     "METHOD_LABELS",
     "compare_methods",
     "compare_claims",
+    "by_seed",
     "stored",
     "stored_by_seed",
     "deepest_good",
@@ -909,25 +910,32 @@ def compare_claims(results: dict[str, ExperimentResult]) -> pd.DataFrame:
     return pd.DataFrame(parts, index=pd.Index(claims, name="claim"))
 
 
+def by_seed(res: ExperimentResult) -> dict[str, ExperimentResult]:
+    """``res`` split into one result per seed (its own records, no second read), then ``res``
+    itself as ``"median of n seeds"``: the labels :func:`compare_methods` and
+    :func:`compare_claims` show. A one-seed result comes back alone."""
+    seeds = list(res.params.seeds)
+    if len(seeds) == 1:
+        return {f"seed {seeds[0]}": res}
+    out = {f"seed {s}": _result(res.name, dataclasses.replace(res.params, seeds=[s]),
+                                [r for r in res.records if r["config"]["seed"] == s]) for s in seeds}
+    out[f"median of {len(seeds)} seeds"] = res
+    return out
+
+
 def stored_by_seed(name: str, seeds: Sequence[int], profile: str | None = None, **values) -> dict[str, ExperimentResult]:
-    """Stored results of experiment ``name`` (see :func:`stored`) for each seed alone, then for
-    all of them together (``"median of n seeds"``): the labels :func:`compare_methods` and
-    :func:`compare_claims` show. Raises :class:`~alive.results.MissingResult` naming the first
-    seed whose runs are not all stored (never trains)."""
+    """:func:`by_seed` of the stored results of experiment ``name`` for these seeds (see
+    :func:`stored`; never trains). Raises :class:`~alive.results.MissingResult` naming the first
+    seed whose runs are not all stored."""
     from .results import MissingResult
 
     if not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"stored_by_seed needs a non-empty list of distinct seeds, got {seeds!r}")
-    seeds = list(seeds)
-    out: dict[str, ExperimentResult] = {}
-    for s in seeds:
-        res = stored(name, profile=profile, seeds=[s], **values)
-        if res is None:
-            raise MissingResult(f"not every run of {name!r} ({profile or 'given'} parameters) is stored for seed {s}")
-        out[f"seed {s}"] = res
-    if len(seeds) > 1:
-        out[f"median of {len(seeds)} seeds"] = stored(name, profile=profile, seeds=seeds, **values)
-    return out
+    res = stored(name, profile=profile, seeds=list(seeds), **values)
+    if res is None:
+        missing = next(s for s in seeds if stored(name, profile=profile, seeds=[s], **values) is None)
+        raise MissingResult(f"not every run of {name!r} ({profile or 'given'} parameters) is stored for seed {missing}")
+    return by_seed(res)
 
 
 def _lookup(name: str) -> _Experiment:
@@ -1002,6 +1010,11 @@ def run(name: str, store: Store | None = None, progress: str = "auto", train: bo
         if not cfgs:
             raise MissingResult(f"no stored run of {name!r} for these parameters")
     records = sweep(cfgs, store=store, device=p.device, progress=progress, train=train)
+    return _result(name, p, records)
+
+
+def _result(name: str, p: Any, records: list[dict]) -> ExperimentResult:
+    exp = _lookup(name)
     runs = to_frame(records)
     out = exp.result(p, runs, records) if exp.wants_records else exp.result(p, runs)
     table, claims, extra = out

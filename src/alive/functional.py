@@ -156,26 +156,18 @@ class _PositionExtremes(torch.autograd.Function):
             positions = tuple(range(lead, z.dim()))
             his.append(src.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
             los.append(src.amin(positions))
-        stack = torch.stack if layers else torch.cat
-        hs = his[0] if len(his) == 1 and not layers else stack(his)
-        ls = los[0] if len(los) == 1 and not layers else stack(los)
         ctx.save_for_backward(*zs)
         ctx.layers = layers
         ctx.sparse = sparse and zs[0].device.type == "cpu"
-        ctx.sizes = [1 if layers else z.shape[0] for z in zs]
-        return hs, ls
+        return (torch.stack(his), torch.stack(los)) if layers else (his[0], los[0])
 
     @staticmethod
     def backward(ctx, gh: Tensor, gl: Tensor):
         # a double backward (create_graph) differentiates this gradient: it must be dense
         spread = _sparse_spread if ctx.sparse and not torch.is_grad_enabled() else _spread
-        grads, start = [], 0
-        for z, size in zip(ctx.saved_tensors, ctx.sizes):
-            rows = slice(start, start + size)
-            start += size
-            lead = gh[rows].shape[1:] if ctx.layers else gh[rows].shape
-            grads.append(spread(z, gh[rows].reshape(lead), gl[rows].reshape(lead)))
-        return (None, None, *grads)
+        maps = ctx.saved_tensors
+        rows = zip(gh.unbind(0), gl.unbind(0)) if ctx.layers else [(gh, gl)]
+        return (None, None, *(spread(z, h, l) for z, (h, l) in zip(maps, rows)))
 
 
 class _UnitPointExtremes(torch.autograd.Function):
@@ -353,10 +345,7 @@ def dense_separation_penalty(
     if aggregation not in ("paper", "squared_sum", "mean"):
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     n, b, w = z.shape
-    if _transforms_active():
-        hi, lo = _composite_extremes("first", padded, False, [z])
-    else:
-        hi, lo = _UnitPointExtremes.apply("first", padded, z, None)
+    hi, lo = _extremes("first", padded, False, False, [z])
     s = _combined_slacks(hi, lo, margin, rho)
     if aggregation == "squared_sum":
         s = s * s
@@ -413,18 +402,23 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
         raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
     layers = not isinstance(z, Tensor)
     zs = list(z) if layers else [z]
-    if not zs or any(t.shape != zs[0].shape for t in zs):
+    if not zs or len({t.shape for t in zs}) != 1:
         raise ValueError("separation extremes need one stacked tensor or same-shaped layers")
     if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
         return None
     padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
-    if _transforms_active():
-        hi, lo = _composite_extremes(ties, padded, layers, zs)
-    elif zs[0].dim() > (2 if layers else 3):  # feature maps: positions first, each map where it is
-        hi, lo = _UnitPointExtremes.apply(ties, padded, *_PositionExtremes.apply(layers, sparse_grad, *zs))
-    else:
-        hi, lo = _UnitPointExtremes.apply(ties, padded, torch.stack(zs) if layers else zs[0], None)
+    hi, lo = _extremes(ties, padded, layers, sparse_grad, zs)
     return hi, lo, zs[0].shape[1 if layers else 2]
+
+
+def _extremes(ties: str, padded: Tensor | None, layers: bool, sparse: bool, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` of :func:`_joint_extremes`: the hand-written functions, or the built-ins
+    under ``torch.func``; feature maps lose their positions first, each where it is."""
+    if _transforms_active():
+        return _composite_extremes(ties, padded, layers, zs)
+    if zs[0].dim() > (2 if layers else 3):
+        return _UnitPointExtremes.apply(ties, padded, *_PositionExtremes.apply(layers, sparse, *zs))
+    return _UnitPointExtremes.apply(ties, padded, torch.stack(zs) if layers else zs[0], None)
 
 
 def _transforms_active() -> bool:
