@@ -150,3 +150,12 @@ def test_widen_rejects_non_positive(bad):
 def test_widen_rejects_non_int():
     with pytest.raises(TypeError):
         widen(4.0)
+
+
+def test_linked_relu_runs_under_torch_func_at_any_size():
+    for z in (torch.randn(4, 3), torch.randn(512, 300)):  # the composition, and the fused path's size
+        g = torch.func.grad(lambda t: AF.linked_relu(t, 1).square().sum())(z)
+        ref = torch.func.grad(lambda t: torch.cat((torch.relu(t), torch.relu(-t)), 1).square().sum())(z)
+        torch.testing.assert_close(g, ref)
+        assert torch.equal(g, 2 * z)  # d/dz of relu(z)^2 + relu(-z)^2 = z^2
+

@@ -5,6 +5,8 @@ from torch import nn
 
 from alive import Linked, SeparationConstraint
 from alive.functional import (
+    _without_padded_units,
+    aggregate,
     dense_separation_penalty,
     point_slacks,
     separation_extremes,
@@ -186,6 +188,57 @@ def test_bad_options_fail_early():
         SeparationConstraint(net, rho=1.5)
     with pytest.raises(ValueError, match="non-negative"):
         SeparationConstraint(net, weight=-1)
+    with pytest.raises(ValueError, match="layers= is empty"):
+        SeparationConstraint(net, layers=[])
+
+
+def test_the_stacked_functions_refuse_bad_options_and_shapes():
+    z = Z.unsqueeze(0)  # one net, 3 points, 3 units
+    for kw, match in (({"kind": "x"}, "kind"), ({"aggregation": "sum"}, "aggregation"),
+                      ({"conv_reduction": "positions"}, "conv_reduction")):
+        with pytest.raises(ValueError, match=match):
+            stacked_separation_penalty(z, **kw)
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(torch.ones(1, 4), "avg")
+    with pytest.raises(ValueError, match=r"unit_mask must have shape \(nets, units\) = \(1, 3\)"):
+        stacked_separation_penalty(z, unit_mask=torch.tensor([True, True, False]))
+    with pytest.raises(ValueError, match="unit_mask"):
+        separation_extremes(z, unit_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one point"):
+        separation_penalty(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match=r"\(nets, points, units\)"):
+        dense_separation_penalty(Z, torch.ones(1), torch.ones(1))
+
+
+def test_position_reduction_with_padded_units_works_in_float16():
+    z = torch.randn(2, 5, 3, 4, 4)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    ref = stacked_separation_penalty(z, conv_reduction="position", unit_mask=mask)
+    half = stacked_separation_penalty(z.half(), conv_reduction="position", unit_mask=mask)
+    for a, b in zip(ref, half):
+        assert b.dtype == torch.float16
+        torch.testing.assert_close(b.float(), a, rtol=2e-3, atol=2e-2)
+
+
+def test_a_float_padding_fill_keeps_the_maps_precision():
+    hs = torch.randn(2, 4, 3, dtype=torch.bfloat16)
+    fill = torch.tensor([[[0.0, 0.0, 1e30]], [[0.0, 0.0, 0.0]]])  # float32, as the grid engine's buffer
+    ph, pl = _without_padded_units(hs, hs, fill)
+    assert ph.dtype == pl.dtype == torch.bfloat16
+    assert (ph[0, :, 2] < -1e29).all() and torch.equal(ph[1], hs[1])
+
+
+def test_linear_layers_on_sequences_see_every_row_as_a_point():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 7, 3)  # (batch, tokens, features)
+    with SeparationConstraint(net, kind="up") as sep:
+        net(x)
+        on_tokens = sep.penalty()
+        assert sep.preactivations[0].shape == (5, 7, 4)  # the layer's own output, as it left the layer
+        net(x.reshape(35, 3))
+        flat = sep.penalty()
+    torch.testing.assert_close(on_tokens, flat)
 
 
 def _dead_net(act):

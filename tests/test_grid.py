@@ -140,6 +140,53 @@ def test_a_diverging_network_does_not_touch_the_others():
     assert recs[poisoned_seed]["diverged_epoch"] == 3
 
 
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_a_frozen_network_is_zero_in_parameters_and_optimiser_state_and_stays_so(model):
+    from alive.grid import _freeze, _net_rows
+    from alive.train import make_optimizer
+
+    if model == "mlp":
+        base, shape = BASE.replace(batchnorm=True), (2,)
+    else:
+        base, shape = RunConfig(experiment="g", dataset="mnist", model="cnn", depth=1, width=1, batch_size=8, batchnorm=True), (1, 6, 6)
+    cfgs = [base.replace(depth=d, width=w, seed=s) for d, w, s in [(3, 2, 0), (2, 3, 1), (1, 2, 2)]]
+    stack = GridStack(cfgs, shape, 2)
+    opt = make_optimizer(base, [stack.flatten_parameters()])
+    x = torch.randn(8, *shape)
+
+    def step(keep):
+        logits, _ = stack(x)
+        loss = torch.where(keep, logits.square().mean((1, 2)), torch.zeros(3)).sum()
+        stack.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(torch.ones(3, dtype=torch.bool))  # every moment non-zero
+    dead = torch.tensor([False, True, False])
+    before = [p.detach().clone().view(rows) for p, rows in _net_rows(stack)]
+    _freeze(stack, opt, dead)
+    for t in [stack._flat.data] + [v for v in opt.state[stack._flat].values() if v.dim() > 0]:
+        for (p, rows), old in zip(_net_rows(stack), before):
+            view = t[p.data.storage_offset():][: p.numel()].view(rows)
+            if view.shape[0] > 1:  # the net is in this layer
+                assert not view[1].any()
+            if t is stack._flat.data:  # the others are untouched
+                assert torch.equal(view[0], old[0])
+    for _ in range(3):
+        step(~dead)
+    for p, rows in _net_rows(stack):
+        view = p.detach().view(rows)
+        if view.shape[0] > 1:
+            assert not view[1].any()
+
+
+def test_empty_groups_are_refused_clearly():
+    with pytest.raises(ValueError, match="at least one configuration"):
+        train_group([])
+    with pytest.raises(ValueError, match="at least one configuration"):
+        GridStack([], (2,), 2)
+
+
 @pytest.mark.parametrize("activation", ["relu", "lk-relu"])
 def test_conv_stack_is_the_same_function_in_both_memory_layouts(activation, monkeypatch):
     base = RunConfig(experiment="g", dataset="mnist", model="cnn", depth=1, width=1, batch_size=8, activation=activation)

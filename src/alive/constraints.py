@@ -115,7 +115,8 @@ class SeparationConstraint:
     every spatial position its own unit and point (their Keras code).
 
     The hooks capture the *outputs* of the constrained layers, i.e. the pre-activation shared
-    by all members of a linked activation. By default every ``Linear`` and ``Conv`` layer
+    by all members of a linked activation. A ``Linear`` layer applied to ``(N, *, F)`` inputs
+    has ``F`` units and every one of its ``N·*`` input rows is a point. By default every ``Linear`` and ``Conv`` layer
     except the output one is constrained; pass ``layers=`` to choose. Those outputs must not be
     modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
     would turn them into activations): :meth:`penalty` refuses such a forward pass. On a CPU,
@@ -170,6 +171,8 @@ class SeparationConstraint:
             raise ValueError(f"weight (lambda) must be non-negative, got {weight}")
         self.kind, self.weight, self.rho, self.margin = kind, float(weight), float(rho), float(margin)
         self.aggregation, self.conv_reduction, self.ties = aggregation, conv_reduction, ties
+        if layers is not None and not list(layers):
+            raise ValueError("layers= is empty: give at least one layer to constrain, or None for every hidden layer")
         self.layers = list(layers) if layers is not None else hidden_layers(model, include_output)
         if not self.layers:
             raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
@@ -195,6 +198,10 @@ class SeparationConstraint:
             and not torch.compiler.is_compiling()
         )
         self._raw.append(output)
+        if isinstance(module, nn.Linear) and output.dim() > 2:
+            # a Linear layer maps the last dimension: every leading index (a token, a position) is a point
+            output = output.reshape(-1, output.shape[-1])
+            densify = False
         if densify:
             output = _Densify.apply(output)
         self._captured.append(output)

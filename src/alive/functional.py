@@ -91,7 +91,8 @@ def linked_relu(z: Tensor, dim: int = 1) -> Tensor:
     tensor the next layer does not keep already (about 1.3x faster than the composition on a
     CPU); small tensors, where per-call overhead dominates, take the plain composition.
     """
-    if z.numel() < _SMALL_LINKED and z.device.type == "cpu":
+    # torch.func transforms cannot run the autograd function (it has no setup_context)
+    if (z.numel() < _SMALL_LINKED and z.device.type == "cpu") or _transforms_active():
         return torch.cat((torch.relu(z), torch.relu(-z)), dim)
     return _LinkedReLU.apply(z, dim)
 
@@ -268,6 +269,7 @@ def _without_padded_units(hs: Tensor, ls: Tensor, padded: Tensor | None) -> tupl
         return hs, ls
     if padded.dtype == torch.bool:
         return hs.masked_fill(padded, -math.inf), ls.masked_fill(padded, math.inf)
+    padded = padded.to(hs.dtype)  # a float32 fill would promote bfloat16 maps (and their hinges)
     return hs - padded, ls + padded
 
 
@@ -344,6 +346,8 @@ def dense_separation_penalty(
     """
     if aggregation not in ("paper", "squared_sum", "mean"):
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
+    if z.dim() != 3:
+        raise ValueError(f"dense_separation_penalty takes stacked dense pre-activations (nets, points, units), got shape {tuple(z.shape)}")
     n, b, w = z.shape
     hi, lo = _extremes("first", padded, False, False, [z])
     s = _combined_slacks(hi, lo, margin, rho)
@@ -383,6 +387,7 @@ def separation_extremes(
     (the positions of a channel still split; ``"position"`` reduction always splits).
     ``sparse_grad``: see :class:`_PositionExtremes` (only for maps whose consumer densifies).
     """
+    _check_options("paper", conv_reduction, kind)
     want_u, want_p = "u" in kind, "p" in kind
     joint = _joint_extremes(z, conv_reduction, unit_mask, ties, sparse_grad)
     if joint is None:
@@ -404,6 +409,13 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
     zs = list(z) if layers else [z]
     if not zs or len({t.shape for t in zs}) != 1:
         raise ValueError("separation extremes need one stacked tensor or same-shaped layers")
+    shape = (len(zs), *zs[0].shape) if layers else zs[0].shape
+    if len(shape) < 3:
+        raise ValueError(f"stacked pre-activations need (nets, points, units, *spatial), got shape {tuple(shape)}")
+    if shape[1] == 0 or shape[2] == 0:
+        raise ValueError(f"separation terms need at least one point and one unit, got shape {tuple(shape)}")
+    if unit_mask is not None and tuple(unit_mask.shape) != (shape[0], shape[2]):
+        raise ValueError(f"unit_mask must have shape (nets, units) = {(shape[0], shape[2])}, got {tuple(unit_mask.shape)}")
     if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
         return None
     padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
@@ -455,7 +467,7 @@ def _position_extremes(z: Tensor, want_u: bool, want_p: bool, unit_mask: Tensor 
             p = (z.amax(2), z.amin(2))
         else:
             m = unit_mask.bool().reshape(unit_mask.shape[0], 1, unit_mask.shape[1], *([1] * (z.dim() - 3)))
-            p = (z.masked_fill(~m, -_BIG).amax(2), z.masked_fill(~m, _BIG).amin(2))
+            p = (z.masked_fill(~m, -math.inf).amax(2), z.masked_fill(~m, math.inf).amin(2))
     return u, p
 
 
@@ -564,7 +576,9 @@ def aggregate(s: Tensor, aggregation: str, count: Tensor | float | None = None) 
     if aggregation == "mean":
         n = s[0].numel() if count is None else count
         return s.sum(dims) / n
-    return torch.linalg.vector_norm(s, dim=dims)  # subgradient 0 at 0 (sqrt would give NaN)
+    if aggregation == "norm":
+        return torch.linalg.vector_norm(s, dim=dims)  # subgradient 0 at 0 (sqrt would give NaN)
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
 
 
 def stacked_separation_penalty(
@@ -590,6 +604,7 @@ def stacked_separation_penalty(
     terms along dimension 1. See :func:`separation_extremes` for ``unit_mask``, ``ties`` and
     ``sparse_grad``.
     """
+    _check_options(aggregation, conv_reduction, kind)
     joint = None
     if reduce_extremes is None and gather_points is None:
         joint = _joint_extremes(z, conv_reduction, unit_mask, ties, sparse_grad)

@@ -35,7 +35,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -166,9 +166,6 @@ class _Layout:
         """View as ``(nets, points, units, *spatial)``."""
         return z.transpose(0, 1) if self.conv else z
 
-    def net_dim(self) -> int:
-        return 1 if self.conv else 0
-
     def unit_shape(self, n: int, width: int) -> tuple[int, ...]:
         return (1, n, width, 1, 1) if self.conv else (n, 1, width)
 
@@ -178,6 +175,8 @@ class GridStack(nn.Module):
 
     def __init__(self, configs: Sequence[RunConfig], input_shape: tuple[int, ...], num_classes: int, ties: str = "auto"):
         super().__init__()
+        if not configs:
+            raise ValueError("a grid stack needs at least one configuration")
         cfg0 = configs[0]
         self.configs = sorted(configs, key=lambda c: -c.depth)  # stable: keeps the given order within a depth
         self.conv = cfg0.model == "cnn"
@@ -216,7 +215,6 @@ class GridStack(nn.Module):
         self.mask_output = self.padded and bool((g0 != 0).any())
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         self.gammas, self.betas = nn.ParameterList(), nn.ParameterList()
-        self.running: list[tuple[str, str]] = []
         self._build(self.configs)
         cu = torch.tensor([c.weight if "u" in c.constraint else 0.0 for c in self.configs])
         cp = torch.tensor([c.weight if "p" in c.constraint else 0.0 for c in self.configs])
@@ -551,6 +549,8 @@ def train_group(
     differ at the 1e-6 level where dead points make pre-activations tie exactly.
     """
     configs = list(configs)
+    if not configs:
+        raise ValueError("train_group needs at least one configuration")
     keys = {_group_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("train_group needs configurations that differ only in depth, width, constraint, weight, seed")
@@ -711,26 +711,41 @@ def _epoch_batches(n: int, batch_size: int | None, gen: torch.Generator):
 
 @torch.no_grad()
 def _freeze(stack: GridStack, opt: torch.optim.Optimizer, dead: Tensor) -> None:
-    """Zero the parameters (and optimiser state) of diverged networks; they stay inert from then on."""
+    """Zero the parameters and the optimiser state (Adam's moments, momentum) of diverged
+    networks: with zero moments and zero gradients an element-wise optimiser leaves them at
+    zero, so they stay inert while the others go on."""
     idx = dead.nonzero().flatten()
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v) and v.dim() > 0:
-                v.nan_to_num_(0.0, 0.0, 0.0)
-    for l, n in enumerate(stack.active):
-        sel = idx[idx < n]
-        if len(sel) == 0:
-            continue
-        if stack.conv:
-            w, b = stack.weights[l].view(n, stack.wm, *stack.weights[l].shape[1:]), stack.biases[l].view(n, stack.wm)
-        else:
-            w, b = stack.weights[l], stack.biases[l]
-        w[sel] = 0
-        b[sel] = 0
+    flat = stack._flat
+    # every flat tensor of the optimiser state, seen through the parameters' own shapes
+    tensors = [flat.data] + [v for st in opt.state.values() for v in st.values()
+                             if torch.is_tensor(v) and v.shape == flat.shape]
+    for t in tensors:
+        t.nan_to_num_(0.0, 0.0, 0.0)
+        for p, rows in _net_rows(stack):
+            view = t[p.data.storage_offset() - flat.data.storage_offset():][: p.numel()].view(rows)
+            sel = idx[idx < view.shape[0]]
+            if len(sel):
+                view[sel] = 0
+    for l in range(len(stack.active)):
         if stack.batchnorm:
-            stack.gammas[l][sel] = 0
-            stack.betas[l][sel] = 0
+            sel = idx[idx < stack.active[l]]
             getattr(stack, f"running_mean_{l}")[sel] = 0
             getattr(stack, f"running_var_{l}")[sel] = 1
-    stack.head_w[idx] = 0
-    stack.head_b[idx] = 0
+
+
+def _net_rows(stack: GridStack):
+    """``(parameter, shape)`` with the networks along the first dimension of the shape."""
+    wm = stack.wm
+    for l, n in enumerate(stack.active):
+        w, b = stack.weights[l], stack.biases[l]
+        if stack.conv:
+            yield w, (n, wm, *w.shape[1:])
+            yield b, (n, wm)
+        else:
+            yield w, w.shape
+            yield b, b.shape
+        if stack.batchnorm:
+            yield stack.gammas[l], stack.gammas[l].shape
+            yield stack.betas[l], stack.betas[l].shape
+    yield stack.head_w, stack.head_w.shape
+    yield stack.head_b, stack.head_b.shape
