@@ -74,3 +74,69 @@ def test_dead_unit_gradient_demo():
     assert t["receives gradient"].tolist() == [False, True, True]
     # Sep-U on one unit: d/db of ½·relu(1 - max z) = -½ per unit, times λ
     assert t.loc["ReLU + Sep-U", "|dL/db|"] == pytest.approx(0.5e-4)
+
+
+def test_liveness_reads_what_the_activation_sees_after_batchnorm():
+    from alive.models import MLP
+
+    torch.manual_seed(0)
+    net = MLP(2, 2, depth=1, width=4, batchnorm=True)
+    linear = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        linear.bias.fill_(-100.0)  # every raw output negative...
+    x = torch.randn(64, 2)
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
+    bn.momentum = 1.0  # ...but BatchNorm, its running statistics those of x, centres them
+    net.train()
+    net(x)
+    rep = liveness(net, x)
+    assert rep.summary["measured_at"] == "activation input"
+    assert rep.summary["dead_units"] == 0 and rep.dead_points < 64
+    assert dead_neurons(net, x).dead.sum() == 0
+    raw = liveness(net, x, layers=[linear])  # the layer's own output, on request
+    assert raw.summary["measured_at"] == "layer output"
+    assert raw.summary["dead_units"] == 4 and raw.dead_points == 64
+
+
+@pytest.mark.parametrize("activation", ["lk-selu", "lk-prelu", "lk-swish", "lk-relu"])
+def test_a_linked_activation_is_one_layer_not_one_per_member(activation):
+    from alive.activations import make_activation
+
+    net = nn.Sequential(nn.Linear(2, 3), make_activation(activation), nn.Linear(6, 3), make_activation(activation), nn.Linear(6, 1))
+    x = torch.randn(16, 2)
+    assert dead_neurons(net, x).name.tolist() == ["1", "3"]
+    rep = liveness(net, x)
+    assert rep.layers.layer.tolist() == ["1", "3"] and rep.summary["units"] == 6
+
+
+def test_an_activation_module_called_twice_is_two_layers():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(2, 3), nn.Linear(3, 2), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    net = Twice()
+    with torch.no_grad():
+        net.b.bias.fill_(-100.0)  # the second call sees a dead layer
+    rep = liveness(net, torch.randn(10, 2))
+    assert rep.layers.layer.tolist() == ["act", "act (call 2)"]
+    assert rep.layers.dead_units.tolist()[1] == 2 and rep.dead_points == 10
+
+
+def test_models_without_activation_modules_fall_back_to_their_layer_outputs():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    rep = liveness(Functional(), torch.randn(10, 2))
+    assert rep.summary["measured_at"] == "layer output" and rep.layers.layer.tolist() == ["a"]
+    with pytest.raises(ValueError, match="layers= is empty"):
+        liveness(Functional(), torch.randn(10, 2), layers=[])
+

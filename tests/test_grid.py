@@ -180,6 +180,14 @@ def test_a_frozen_network_is_zero_in_parameters_and_optimiser_state_and_stays_so
             assert not view[1].any()
 
 
+def test_diagnostics_see_the_activation_input_after_batchnorm():
+    cfgs = [BASE.replace(depth=d, width=w, batchnorm=True) for d, w in [(3, 2), (2, 3)]]
+    stack = GridStack(cfgs, (2,), 2)
+    seen = []
+    stack(torch.randn(16, 2), train=True, on_layer=lambda l, z, a: seen.append(torch.equal(torch.relu(z), a)))
+    assert seen == [True] * 3
+
+
 def test_empty_groups_are_refused_clearly():
     with pytest.raises(ValueError, match="at least one configuration"):
         train_group([])

@@ -76,3 +76,20 @@ def test_lock_blocks_a_second_trainer(tmp_path):
         with store.lock("t", "abc") as second:
             assert first and not second
     assert not (tmp_path / "t" / "abc.lock").exists()
+
+
+def test_old_batchnorm_liveness_is_left_out_of_frames():
+    from alive.results import to_frame
+
+    def rec(bn, measured):
+        live = {"dead_units": 3, "units": 8, "dead_point_fraction": 0.5}
+        if measured:
+            live["measured_at"] = "activation input"
+        cfg = RunConfig(depth=2, width=4, batchnorm=bn)
+        return {"key": cfg.key("fp32"), "config": cfg.to_dict(), "status": "ok", "metrics": {}, "timing": {"total_s": 1, "mean_epoch_s": 1},
+                "environment": {"device": "cpu"}, "diagnostics": {"liveness": live}}
+
+    f = to_frame([rec(True, False), rec(True, True), rec(False, False)])
+    assert f.dead_point_fraction.isna().tolist() == [True, False, False]
+    assert f.dead_units.tolist()[1:] == [3, 3]
+

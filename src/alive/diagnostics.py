@@ -2,8 +2,9 @@
 
 Definitions (separation paper, Remarks 2.1–2.3; the papers' README):
 
-* a unit is **dead** when its pre-activation is ``<= 0`` on every point of the data set, and
-  **affine** (always on) when it is ``> 0`` on every point;
+* a unit is **dead** when its pre-activation -- what its activation function receives, after
+  any normalisation -- is ``<= 0`` on every point of the data set, and **affine** (always on)
+  when it is ``> 0`` on every point;
 * a point is **dead at a layer** when every unit of that layer has pre-activation ``<= 0`` on
   it, and **dead** when it is dead at some layer;
 * a linked unit is **flat** when no member of its linkage has a non-zero derivative on any
@@ -13,6 +14,7 @@ Definitions (separation paper, Remarks 2.1–2.3; the papers' README):
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -63,6 +65,14 @@ def _stream(model: nn.Module, data, batch_size: int) -> Iterator[int]:
             yield xb.shape[0]
 
 
+def _activation_modules(model: nn.Module) -> list[nn.Module]:
+    """The activation modules of ``model`` (registered activations and :class:`Linked` ones),
+    without the members inside a :class:`Linked`: those see ``z`` or ``-z`` and are part of
+    their linked unit, not layers of their own."""
+    inner = {id(m) for lk in model.modules() if isinstance(lk, Linked) for m in lk.modules() if m is not lk}
+    return [m for m in model.modules() if is_activation(m) and id(m) not in inner]
+
+
 def _names(model: nn.Module) -> dict[int, str]:
     return {id(m): name or type(m).__name__ for name, m in model.named_modules()}
 
@@ -102,8 +112,13 @@ def liveness(
     """Stream ``data`` through ``model`` once (eval mode, no gradients) and count the living.
 
     Args:
-        model: any network; by default its hidden ``Linear``/``Conv`` layers are inspected (the
-            same layers :class:`~alive.constraints.SeparationConstraint` constrains).
+        model: any network. By default every call of an activation module (a registered
+            activation or :class:`~alive.activations.Linked`) is a layer, and its *input* is
+            the pre-activation: after a BatchNorm, the normalised values the nonlinearity sees
+            (a batch-normalised unit whose raw layer output is negative may well be alive).
+            A model without activation modules (functional activations) falls back to its
+            hidden ``Linear``/``Conv`` outputs (``include_output`` adds the last one).
+        layers: inspect the *outputs* of these modules instead.
         data: a tensor of inputs, an ``(inputs, targets)`` pair or an :class:`alive.data.Dataset`
             (its training inputs).
         conv_reduction: ``"channel"`` (a unit is a channel, extremes over positions too) or
@@ -112,29 +127,53 @@ def liveness(
     Returns:
         a :class:`LivenessReport`: ``layers`` (one row per layer: units, dead units, affine
         units, points dead at that layer), ``linked`` (one row per linked activation: units
-        and flat units) and the number of points dead at some layer.
+        and flat units) and the number of points dead at some layer. ``summary["measured_at"]``
+        says which tensors were inspected (``"activation input"`` or ``"layer output"``).
     """
     if conv_reduction not in ("channel", "position"):
         raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose 'channel' or 'position'")
-    layers = list(layers) if layers is not None else hidden_layers(model, include_output)
     names = _names(model)
+    acts = _activation_modules(model) if layers is None else []
+    if layers is not None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("layers= is empty: give at least one module, or None for every activation's input")
+    elif not acts:
+        layers = hidden_layers(model, include_output)
     hi: dict[int, Tensor] = {}
     lo: dict[int, Tensor] = {}
-    dead_at: dict[int, list[Tensor]] = {i: [] for i in range(len(layers))}
+    dead_at: dict[int, list[Tensor]] = defaultdict(list)
+    called: list[str] = []  # layer names in call order (an activation module may be called twice)
     linked_mods = [m for m in model.modules() if isinstance(m, Linked)]
     alive_linked: dict[int, Tensor] = {}
 
+    def record(i: int, z: Tensor) -> None:
+        z = _positions_innermost(z, 2)  # channels-last maps reduce ~14x slower on a CPU
+        sp = tuple(range(2, z.dim()))
+        red = (0,) + (sp if conv_reduction == "channel" else ())
+        zmax, zmin = z.amax(red), z.amin(red)
+        hi[i] = zmax if i not in hi else torch.maximum(hi[i], zmax)
+        lo[i] = zmin if i not in lo else torch.minimum(lo[i], zmin)
+        dead_at[i].append((z.flatten(1).amax(1) <= 0).cpu())
+
     def unit_hook(i):
         def hook(module, args, z):
-            z = _positions_innermost(z, 2)  # channels-last maps reduce ~14x slower on a CPU
-            sp = tuple(range(2, z.dim()))
-            red = (0,) + (sp if conv_reduction == "channel" else ())
-            zmax, zmin = z.amax(red), z.amin(red)
-            hi[i] = zmax if i not in hi else torch.maximum(hi[i], zmax)
-            lo[i] = zmin if i not in lo else torch.minimum(lo[i], zmin)
-            dead_at[i].append((z.flatten(1).amax(1) <= 0).cpu())
+            record(i, z)
 
         return hook
+
+    calls = [0]
+
+    def new_pass(module, args):
+        calls[0] = 0
+
+    def activation_hook(module, args):
+        i = calls[0]
+        calls[0] += 1
+        if len(called) <= i:
+            name = names.get(id(module), str(i))
+            called.append(name if name not in called else f"{name} (call {called.count(name) + 1})")
+        record(i, args[0])
 
     def linked_hook(i, mod: Linked):
         def hook(module, args):
@@ -151,7 +190,11 @@ def liveness(
 
         return hook
 
-    handles = [layer.register_forward_hook(unit_hook(i)) for i, layer in enumerate(layers)]
+    if acts:
+        handles = [model.register_forward_pre_hook(new_pass)] + [m.register_forward_pre_hook(activation_hook) for m in acts]
+    else:
+        called += [names.get(id(layer), str(i)) for i, layer in enumerate(layers)]
+        handles = [layer.register_forward_hook(unit_hook(i)) for i, layer in enumerate(layers)]
     handles += [m.register_forward_pre_hook(linked_hook(i, m)) for i, m in enumerate(linked_mods)]
     points = 0
     try:
@@ -163,14 +206,14 @@ def liveness(
 
     rows = []
     any_dead = torch.zeros(points, dtype=torch.bool)
-    for i, layer in enumerate(layers):
+    for i, name in enumerate(called):
         if i not in hi:
-            raise RuntimeError(f"layer {names.get(id(layer))} was not called by the forward pass")
+            raise RuntimeError(f"layer {name} was not called by the forward pass")
         dead_pts = torch.cat(dead_at[i])
         any_dead |= dead_pts
         rows.append(
             {
-                "layer": names.get(id(layer), str(i)),
+                "layer": name,
                 "index": i + 1,
                 "units": hi[i].numel(),
                 "dead_units": int((hi[i] <= 0).sum()),
@@ -178,7 +221,7 @@ def liveness(
                 "dead_points": int(dead_pts.sum()),
             }
         )
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=["layer", "index", "units", "dead_units", "affine_units", "dead_points"])
     linked_rows = [
         {
             "activation": names.get(id(m), str(i)),
@@ -190,7 +233,8 @@ def liveness(
     ]
     linked_table = pd.DataFrame(linked_rows, columns=["activation", "units", "flat_units"])
     summary = {
-        "layers": len(layers),
+        "measured_at": "activation input" if acts else "layer output",
+        "layers": len(called),
         "units": int(table["units"].sum()),
         "dead_units": int(table["dead_units"].sum()),
         "affine_units": int(table["affine_units"].sum()),
@@ -216,7 +260,7 @@ def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0
         ``name``, ``neurons`` (units), ``dead``, ``dead_members``.
     """
     names = _names(model)
-    acts = [m for m in model.modules() if is_activation(m)]
+    acts = _activation_modules(model)
     if not acts:
         raise ValueError(f"{type(model).__name__} has no activation module to inspect")
     alive: dict[int, Tensor] = {}

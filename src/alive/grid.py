@@ -364,8 +364,9 @@ class GridStack(nn.Module):
     def forward(self, x: Tensor, train: bool = True, dropout_p: float = 0.0, gen=None,
                 on_layer: Callable[[int, Tensor, Tensor], None] | None = None):
         """Logits ``(nets, points, classes)`` and the per-net penalty ``(nets,)``. ``on_layer(l,
-        z, a)`` sees each layer's pre-activations and activations (canonical layout) as they
-        are made, so a diagnostic holds one layer at a time, not the whole network's."""
+        z, a)`` sees each layer's pre-activations (the activation's input: after BatchNorm,
+        if any) and activations (canonical layout) as they are made, so a diagnostic holds one
+        layer at a time, not the whole network's."""
         wm, fac = self.wm, self.fac
         finished: list[Tensor] = []
         pen = x.new_zeros(self.n)
@@ -410,8 +411,8 @@ class GridStack(nn.Module):
             a = self.activation(zc)
             if self.mask_output:
                 a = a * self.unit_mask[:n].repeat(1, fac).view(self.layout.unit_shape(n, wm * fac))
-            if on_layer is not None:
-                on_layer(l, z_pre, a)
+            if on_layer is not None:  # what the activation sees: after BN, if any
+                on_layer(l, zc, a)
             if self.conv:
                 a = a.reshape(a.shape[0], n * wm * fac, *a.shape[3:])
                 if cl:  # a linked activation concatenates into the default layout
@@ -515,6 +516,7 @@ def _diagnostics(stack: GridStack, x: Tensor, batch: int) -> list[dict]:
             "dead_members": dm,
             "neurons": neurons,
             "liveness": {
+                "measured_at": "activation input",
                 "layers": depth,
                 "units": depth * width,
                 "dead_units": sum(du),

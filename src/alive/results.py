@@ -277,7 +277,9 @@ def _row(rec: dict) -> dict[str, Any]:
     row["mean_epoch_s"] = rec["timing"]["mean_epoch_s"]
     row["device"] = rec["environment"]["device"]
     live = rec.get("diagnostics", {}).get("liveness")
-    if live:
+    # Records of batch-normalised networks stored before liveness read the activation's input
+    # counted the raw layer outputs (before BN), which say nothing about dead ReLUs: left out.
+    if live and (live.get("measured_at") or not rec["config"].get("batchnorm")):
         row["dead_units"] = live["dead_units"]
         row["units"] = live["units"]
         row["dead_point_fraction"] = live["dead_point_fraction"]
