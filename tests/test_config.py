@@ -9,6 +9,11 @@ def test_defaults_are_valid_and_key_is_stable():
     assert a.key("fp32") != a.replace(seed=1).key("fp32")
     assert a.key("fp32") != a.key("bf16")
     assert len(a.key("fp32")) == 16
+    # an int in a float field is the same configuration (and key) as the float
+    b = RunConfig(depth=2, width=3, lr=1, moons_noise=0)
+    assert b == RunConfig(depth=2, width=3, lr=1.0, moons_noise=0.0)
+    assert b.key("fp32") == RunConfig(depth=2, width=3, lr=1.0, moons_noise=0.0).key("fp32")
+    assert type(b.lr) is float and type(a.depth) is int
 
 
 @pytest.mark.parametrize(
@@ -26,6 +31,13 @@ def test_defaults_are_valid_and_key_is_stable():
         (dict(widen=True), "not a parameter of model 'mlp'"),
         (dict(rho=2.0), "rho must lie"),
         (dict(batchnorm="yes"), "batchnorm must be bool"),
+        (dict(constraint="u", weight=float("nan")), "weight must be a finite non-negative"),
+        (dict(decay=float("inf")), "decay must be a finite"),
+        (dict(margin=-3.0), "margin must be a finite non-negative"),
+        (dict(prelu_init=float("nan")), "prelu_init must be finite"),
+        (dict(experiment="../elsewhere"), "experiment must be a plain name"),
+        (dict(experiment=""), "experiment must be a plain name"),
+        (dict(momentum=0.9), "momentum applies to the sgd and nesterov optimizers, not 'adam'"),
     ],
 )
 def test_invalid_configs_fail_with_one_clear_message(kw, message):

@@ -31,6 +31,10 @@ def test_cifar_subset_and_require_full(data_dir):
     assert torch.allclose(mean, torch.zeros(3), atol=1e-4)
     with pytest.raises(DataError, match="full cifar10"):
         cifar10(require_full=True)
+    with pytest.raises(DataError, match="n_train=6000 but .* has only 5085 train images"):
+        cifar10(n_train=6000)
+    with pytest.raises(DataError, match="n_test=2000 .* only 1017 test images"):
+        cifar10(n_test=2000)
 
 
 def test_missing_and_damaged_files(tmp_path, monkeypatch):

@@ -93,3 +93,25 @@ def test_old_batchnorm_liveness_is_left_out_of_frames():
     assert f.dead_point_fraction.isna().tolist() == [True, False, False]
     assert f.dead_units.tolist()[1:] == [3, 3]
 
+
+def test_stale_locks(tmp_path):
+    import os
+    import socket
+
+    from alive.results import _stale
+
+    lock = tmp_path / "k.lock"
+    lock.write_text("")
+    assert not _stale(lock)  # being written: live for a grace period
+    old = lock.stat().st_mtime - 60
+    os.utime(lock, (old, old))
+    assert _stale(lock)  # never written: its writer died
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    assert not _stale(lock)
+    lock.write_text(f"{socket.gethostname()} 999999999")
+    assert _stale(lock)  # no such process here
+    lock.write_text("another-host 1")
+    assert not _stale(lock)  # cannot be checked from here
+    lock.write_text(str(os.getpid()))  # the older format: a pid alone
+    assert not _stale(lock)
+

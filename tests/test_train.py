@@ -132,3 +132,10 @@ def test_keep_freed_memory_sets_glibc_and_can_be_switched_off(monkeypatch):
         pytest.skip("glibc's mallopt is not available here")
     assert keep_freed_memory("cuda") is False  # another device: the allocator is left alone
     assert keep_freed_memory() is True
+
+
+def test_stop_after_without_a_checkpoint_is_refused():
+    cfg = RunConfig(depth=1, width=2, epochs=2, batch_size=None)
+    with pytest.raises(ValueError, match="stop_after .* needs checkpoint="):
+        fit(cfg, progress="quiet", stop_after=1)
+

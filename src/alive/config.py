@@ -5,7 +5,8 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping, Union, get_args, get_origin, get_type_hints
 
 from .activations import display_name, parse_activation
@@ -53,7 +54,7 @@ class RunConfig:
     √2 baseline), ``init``, ``prelu_init``, ``annealed_dropout`` (p0; 0 = off) / ``anneal_epochs``.
 
     Optimisation: ``optimizer`` (``adam``, ``rmsprop``, ``sgd``, ``nesterov``), ``lr``,
-    ``decay`` (Keras time decay ``lr / (1 + decay · iterations)``), ``momentum``, ``schedule``
+    ``decay`` (Keras time decay ``lr / (1 + decay · iterations)``), ``momentum`` (sgd; nesterov: 0 means 0.9, Keras' value), ``schedule``
     (``constant`` or ``allcnn``, the step schedule of Table 4 scaled to ``epochs``), ``epochs``,
     ``batch_size`` (None = full batch), ``seed``, ``precision``.
 
@@ -104,6 +105,12 @@ class RunConfig:
     liveness_every: int = 0
 
     def __post_init__(self):
+        check_fields(self)
+        # lr=1 and lr=1.0 are one configuration: one store key (JSON writes 1 and 1.0 apart)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("float", float) and isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, f.name, float(v))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -136,9 +143,16 @@ class RunConfig:
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"{name} must be a positive number, got {v}")
-        for name in ("decay", "momentum", "weight", "moons_noise", "liveness_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("decay", "momentum", "weight", "moons_noise", "liveness_every", "margin"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{name} must be a finite non-negative number, got {v}")
+        if not math.isfinite(self.prelu_init):
+            raise ConfigError(f"prelu_init must be finite, got {self.prelu_init}")
+        if not re.fullmatch(r"[\w-][\w.-]*", self.experiment):
+            raise ConfigError(f"experiment must be a plain name (letters, digits, _ . -; it names a results folder), got {self.experiment!r}")
+        if self.momentum and self.optimizer in ("adam", "rmsprop"):
+            raise ConfigError(f"momentum applies to the sgd and nesterov optimizers, not {self.optimizer!r}")
         if not 0.0 <= self.rho <= 1.0:
             raise ConfigError(f"rho must lie in [0, 1], got {self.rho}")
         if not 0.0 <= self.annealed_dropout < 1.0:

@@ -12,7 +12,6 @@ The loader records which source and how many images it used in :attr:`Dataset.so
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +239,9 @@ def _images(name, scaling, n_train, n_test, root, download, source, require_full
             f"this configuration needs the full {name} ({_FULL_SIZES[name][0]} + {_FULL_SIZES[name][1]} images) "
             f"but only {where} with {len(y_tr)} + {len(y_te)} is available; pass root= with the full data set"
         )
+    for label, n, have in (("n_train", n_train, len(y_tr)), ("n_test", n_test, len(y_te))):
+        if n is not None and n > have:
+            raise DataError(f"{label}={n} but {where} has only {have} {label[2:]} images; ask for at most {have} (or None for all)")
     x_tr, y_tr, x_te, y_te = x_tr[:n_train], y_tr[:n_train], x_te[:n_test], y_te[:n_test]
     xt = torch.from_numpy(np.ascontiguousarray(x_tr)).float()
     xv = torch.from_numpy(np.ascontiguousarray(x_te)).float()

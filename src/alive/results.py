@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -105,7 +107,7 @@ class Store:
                 yield False
                 return
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{socket.gethostname()} {os.getpid()}")
             try:
                 yield True
             finally:
@@ -134,10 +136,23 @@ def project_folder(name: str) -> Path:
     return here / name
 
 
-def _stale(lock: Path) -> bool:
+def _stale(lock: Path, grace_s: float = 30.0) -> bool:
+    """Whether ``lock`` (``"host pid"``) belongs to no running process. A lock still empty is
+    being written (between its creation and the pid): live for ``grace_s``. A lock of another
+    host cannot be checked from here and counts as live (remove it by hand if that run died)."""
     try:
-        pid = int(lock.read_text().strip() or 0)
-    except (OSError, ValueError):
+        text = lock.read_text().split()
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return True
+    if not text:
+        return age > grace_s
+    host, pid = (text[0], text[1]) if len(text) > 1 else (socket.gethostname(), text[0])
+    if host != socket.gethostname():
+        return False
+    try:
+        pid = int(pid)
+    except ValueError:
         return True
     if pid <= 0:
         return True

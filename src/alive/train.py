@@ -210,7 +210,7 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _use_channels_last(setting, conv: bool, device: torch.device) -> bool:
+def _use_channels_last(setting, conv: bool) -> bool:
     if setting == "auto":
         return conv  # measured: helps convs on CUDA and ~1.1-1.3x on this project's CPU
     return bool(setting) and conv
@@ -263,10 +263,13 @@ def fit(
 
     Returns:
         the record: ``config``, ``status`` (``"ok"`` or ``"diverged"``), ``metrics``
-        (``best_val_acc`` over epochs, ...), ``history``, ``timing``, ``diagnostics``,
-        ``environment``.
+        (``best_val_acc`` over epochs, ...), ``history`` (per epoch; its ``lr`` is the rate
+        after the epoch's last step, the one the next epoch starts with, as Keras logs it),
+        ``timing``, ``diagnostics``, ``environment``.
     """
     cfg = config
+    if stop_after is not None and (checkpoint is None or checkpoint_every <= 0):
+        raise ValueError("stop_after stops after a checkpoint: it needs checkpoint= and checkpoint_every > 0")
     dev = resolve_device(device)
     keep_freed_memory(dev)
     precision = resolve_precision(cfg.precision, dev)
@@ -276,7 +279,7 @@ def fit(
     ds = (data if data is not None else load_data(cfg)).to(dev)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, **cfg.model_kwargs()).to(dev)
     conv = ds.x_train.dim() == 4
-    use_cl = _use_channels_last(channels_last, conv, dev)
+    use_cl = _use_channels_last(channels_last, conv)
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     constraint = None
@@ -376,7 +379,7 @@ def fit(
         hist["val_loss"].append(_finite(val_loss))
         hist["val_acc"].append(val_acc)
         hist["penalty"].append(_finite(penalty))
-        hist["lr"].append(opt.param_groups[0]["lr"])
+        hist["lr"].append(opt.param_groups[0]["lr"])  # after the epoch's last step (see the docstring)
         hist["time"].append(time.perf_counter() - t0)
         if not (math.isfinite(train_loss + penalty) and math.isfinite(val_loss)):
             status, diverged_epoch = "diverged", epoch + 1
