@@ -340,6 +340,8 @@ def fit(
                 xb = augment(xb, gen)
             n_global = len(yb)
             if world > 1:
+                if n_global < world:  # some process would get no sample (its mean loss: NaN); every process skips it
+                    continue
                 xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
             if use_cl:
                 xb = xb.contiguous(memory_format=torch.channels_last)
