@@ -45,6 +45,10 @@ def test_missing_and_damaged_files(tmp_path, monkeypatch):
              x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.zeros(2, np.int64))
     with pytest.raises(DataError, match="damaged: x_train"):
         mnist()
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((5, 28, 28), np.uint8), y_train=np.array([0, 1, 2, 10, 3]),
+             x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="damaged: y_train has labels from 0 to 10"):
+        mnist()
     (tmp_path / "mnist.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="cannot be read"):
         mnist()

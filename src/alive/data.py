@@ -146,6 +146,8 @@ def _check_npz(name: str, path: Path, arrays) -> None:
             )
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{path} is damaged: y_{split} has dtype {y.dtype} and shape {y.shape}, expected {x.shape[0]} integer labels")
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise DataError(f"{path} is damaged: y_{split} has labels from {y.min()} to {y.max()}, expected 0-9")
 
 
 def _npz_candidates(name: str) -> list[Path]:
