@@ -113,10 +113,10 @@ def test_an_activation_module_called_twice_is_two_layers():
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.act = nn.Linear(2, 3), nn.Linear(3, 2), nn.ReLU()
+            self.a, self.b, self.c, self.act = nn.Linear(2, 3), nn.Linear(3, 2), nn.Linear(2, 1), nn.ReLU()
 
         def forward(self, x):
-            return self.act(self.b(self.act(self.a(x))))
+            return self.c(self.act(self.b(self.act(self.a(x)))))
 
     net = Twice()
     with torch.no_grad():
@@ -137,6 +137,47 @@ def test_models_without_activation_modules_fall_back_to_their_layer_outputs():
 
     rep = liveness(Functional(), torch.randn(10, 2))
     assert rep.summary["measured_at"] == "layer output" and rep.layers.layer.tolist() == ["a"]
+
+    class DeclaredOnly(Functional):  # holds an activation module but never calls it
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+    net = DeclaredOnly()
+    with torch.no_grad():
+        net.a.bias.fill_(-100.0)
+    rep = liveness(net, torch.randn(10, 2))
+    assert rep.summary["measured_at"] == "layer output" and rep.summary["dead_units"] == 3
     with pytest.raises(ValueError, match="layers= is empty"):
         liveness(Functional(), torch.randn(10, 2), layers=[])
+
+
+def test_an_output_nonlinearity_is_not_a_hidden_layer():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid())
+    x = torch.randn(50, 4)
+    rep = liveness(net, x)
+    assert rep.layers.layer.tolist() == ["1"]
+    assert liveness(net, x, include_output=True).layers.layer.tolist() == ["1", "3"]
+
+
+def test_activations_called_by_keyword_and_a_changing_number_of_calls():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(2, 3), nn.Linear(3, 1), nn.ReLU()
+
+        def forward(self, x):
+            return self.b(self.act(input=self.a(x)))
+
+    assert liveness(Keyword(), torch.randn(10, 2)).layers.layer.tolist() == ["act"]
+
+    class Varying(Keyword):
+        def forward(self, x):
+            h = self.act(self.a(x))
+            if x.shape[0] < 5:  # the last, smaller batch takes a second activation
+                h = self.act(h)
+            return self.b(h)
+
+    with pytest.raises(RuntimeError, match="activation modules .* times in different forward passes"):
+        liveness(Varying(), torch.randn(12, 2), batch_size=8)
 

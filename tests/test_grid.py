@@ -165,12 +165,13 @@ def test_a_frozen_network_is_zero_in_parameters_and_optimiser_state_and_stays_so
     dead = torch.tensor([False, True, False])
     before = [p.detach().clone().view(rows) for p, rows in _net_rows(stack)]
     _freeze(stack, opt, dead)
-    for t in [stack._flat.data] + [v for v in opt.state[stack._flat].values() if v.dim() > 0]:
+    flat = stack._flat.data
+    for k, t in enumerate([flat] + [v for v in opt.state[stack._flat].values() if v.dim() > 0]):
         for (p, rows), old in zip(_net_rows(stack), before):
             view = t[p.data.storage_offset():][: p.numel()].view(rows)
             if view.shape[0] > 1:  # the net is in this layer
                 assert not view[1].any()
-            if t is stack._flat.data:  # the others are untouched
+            if k == 0:  # the others' parameters are untouched
                 assert torch.equal(view[0], old[0])
     for _ in range(3):
         step(~dead)

@@ -92,6 +92,10 @@ def test_old_batchnorm_liveness_is_left_out_of_frames():
     f = to_frame([rec(True, False), rec(True, True), rec(False, False)])
     assert f.dead_point_fraction.isna().tolist() == [True, False, False]
     assert f.dead_units.tolist()[1:] == [3, 3]
+    # AllCNN's stride-2 convs feed no activation: its old layer-output liveness is left out too
+    old = rec(False, False)
+    old["config"]["model"] = "allcnn"
+    assert "dead_point_fraction" not in to_frame([old])
 
 
 def test_stale_locks(tmp_path):

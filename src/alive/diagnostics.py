@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import Linked, is_activation
-from .constraints import hidden_layers
+from .constraints import WEIGHTED_TYPES, hidden_layers
 from .functional import _positions_innermost
 
 __all__ = ["LivenessReport", "liveness", "dead_neurons", "dead_unit_gradients"]
@@ -116,8 +116,12 @@ def liveness(
             activation or :class:`~alive.activations.Linked`) is a layer, and its *input* is
             the pre-activation: after a BatchNorm, the normalised values the nonlinearity sees
             (a batch-normalised unit whose raw layer output is negative may well be alive).
-            A model without activation modules (functional activations) falls back to its
-            hidden ``Linear``/``Conv`` outputs (``include_output`` adds the last one).
+            An activation applied straight to the output of the last ``Linear``/``Conv`` (an
+            output sigmoid) is not a hidden layer unless ``include_output``. A model whose
+            activation modules are never called (functional activations) falls back to its
+            hidden ``Linear``/``Conv`` outputs; one that mixes functional activations with
+            modules is seen through its modules only (pass ``layers=`` then). Dimension 1 is
+            the unit (channel) dimension.
         layers: inspect the *outputs* of these modules instead.
         data: a tensor of inputs, an ``(inputs, targets)`` pair or an :class:`alive.data.Dataset`
             (its training inputs).
@@ -132,14 +136,22 @@ def liveness(
     """
     if conv_reduction not in ("channel", "position"):
         raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose 'channel' or 'position'")
-    names = _names(model)
     acts = _activation_modules(model) if layers is None else []
     if layers is not None:
         layers = list(layers)
         if not layers:
             raise ValueError("layers= is empty: give at least one module, or None for every activation's input")
-    elif not acts:
-        layers = hidden_layers(model, include_output)
+        return _liveness(model, data, batch_size, layers, [], conv_reduction, include_output)
+    if acts:
+        report = _liveness(model, data, batch_size, None, acts, conv_reduction, include_output)
+        if report.summary["layers"]:
+            return report
+    # no activation module, or none of them called: the hidden layers' outputs
+    return _liveness(model, data, batch_size, hidden_layers(model, include_output), [], conv_reduction, include_output)
+
+
+def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_output) -> LivenessReport:
+    names = _names(model)
     hi: dict[int, Tensor] = {}
     lo: dict[int, Tensor] = {}
     dead_at: dict[int, list[Tensor]] = defaultdict(list)
@@ -163,17 +175,33 @@ def liveness(
         return hook
 
     calls = [0]
+    per_pass: set[int] = set()
+    weighted = [m for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
+    last_output: list[Tensor | None] = [None]
 
     def new_pass(module, args):
         calls[0] = 0
+        last_output[0] = None
 
-    def activation_hook(module, args):
+    def end_pass(module, args, out):
+        per_pass.add(calls[0])
+        if len(per_pass) > 1:
+            raise RuntimeError(f"the model called its activation modules {sorted(per_pass)} times in different "
+                               "forward passes; liveness needs the same layers in every pass (pass layers=)")
+
+    def output_layer_hook(module, args, out):
+        last_output[0] = out
+
+    def activation_hook(module, args, kwargs):
+        z = args[0] if args else next(iter(kwargs.values()))
+        if z is last_output[0] and not include_output:
+            return  # an output nonlinearity, not a hidden layer
         i = calls[0]
         calls[0] += 1
         if len(called) <= i:
             name = names.get(id(module), str(i))
             called.append(name if name not in called else f"{name} (call {called.count(name) + 1})")
-        record(i, args[0])
+        record(i, z)
 
     def linked_hook(i, mod: Linked):
         def hook(module, args):
@@ -191,7 +219,10 @@ def liveness(
         return hook
 
     if acts:
-        handles = [model.register_forward_pre_hook(new_pass)] + [m.register_forward_pre_hook(activation_hook) for m in acts]
+        handles = [model.register_forward_pre_hook(new_pass), model.register_forward_hook(end_pass)]
+        handles += [m.register_forward_pre_hook(activation_hook, with_kwargs=True) for m in acts]
+        if weighted:
+            handles.append(weighted[-1].register_forward_hook(output_layer_hook))
     else:
         called += [names.get(id(layer), str(i)) for i, layer in enumerate(layers)]
         handles = [layer.register_forward_hook(unit_hook(i)) for i, layer in enumerate(layers)]

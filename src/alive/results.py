@@ -115,6 +115,16 @@ class Store:
             return
         yield False
 
+    def lock_holder(self, experiment: str, key: str) -> str:
+        """Who holds the lock of a run, for error messages: the file, its host and pid, its age."""
+        p = self.root / experiment / f"{key}.lock"
+        try:
+            holder = p.read_text().strip() or "(being written)"
+            age = time.time() - p.stat().st_mtime
+        except OSError:
+            return f"{p} (gone)"
+        return f"lock {p} held by {holder!r} for {age:.0f} s"
+
     def records(self, experiment: str | None = None) -> list[dict]:
         folders = [self.root / experiment] if experiment else sorted(p for p in self.root.iterdir() if p.is_dir())
         out = []
@@ -213,7 +223,8 @@ def run(config: RunConfig, store: Store | None = None, device=None, retrain: boo
     key = config.key(precision)
     with store.lock(config.experiment, key) as mine:
         if not mine:
-            raise RuntimeError(f"another process is training {config.experiment}/{key}; run again when it is done")
+            raise RuntimeError(f"another process is training {config.experiment}/{key}: {store.lock_holder(config.experiment, key)}; "
+                               "run again when it is done, or delete that lock file if its process is gone")
         fit_kwargs.setdefault("checkpoint", store.checkpoint_path(config.experiment, key))
         fit_kwargs.setdefault("checkpoint_every", 10)
         record = fit(config, device=device, **fit_kwargs)
@@ -292,9 +303,7 @@ def _row(rec: dict) -> dict[str, Any]:
     row["mean_epoch_s"] = rec["timing"]["mean_epoch_s"]
     row["device"] = rec["environment"]["device"]
     live = rec.get("diagnostics", {}).get("liveness")
-    # Records of batch-normalised networks stored before liveness read the activation's input
-    # counted the raw layer outputs (before BN), which say nothing about dead ReLUs: left out.
-    if live and (live.get("measured_at") or not rec["config"].get("batchnorm")):
+    if live and _liveness_comparable(rec["config"], live.get("measured_at")):
         row["dead_units"] = live["dead_units"]
         row["units"] = live["units"]
         row["dead_point_fraction"] = live["dead_point_fraction"]
@@ -302,6 +311,24 @@ def _row(rec: dict) -> dict[str, Any]:
     if dn is not None:
         row["dead_neurons"] = sum(dn)
     return row
+
+
+# models whose every hidden Linear/Conv feeds its activation directly: there the layer outputs
+# that liveness read before it read the activations' inputs are the same tensors
+_DIRECT_MODELS = ("mlp", "cnn", "width", "depth", "params")
+
+
+def _liveness_comparable(config: dict, measured_at: str | None) -> bool:
+    """Whether a record's liveness means what :func:`alive.diagnostics.liveness` measures now.
+
+    Records stored before liveness read the activations' inputs counted the raw Linear/Conv
+    outputs: before BatchNorm (which say nothing about what a ReLU sees), and in AllCNN and
+    ResNet also layers no activation follows. Those are left out of frames."""
+    if measured_at == "activation input":
+        return True
+    if config.get("batchnorm"):
+        return False
+    return measured_at == "layer output" or config.get("model") in _DIRECT_MODELS
 
 
 def to_frame(records: Iterable[dict]) -> pd.DataFrame:

@@ -296,6 +296,8 @@ def fit(
         net = torch.compile(net)
     opt = make_optimizer(cfg, model.parameters())
     n_train = ds.x_train.shape[0]
+    if world > 1 and min(n_train, cfg.batch_size or n_train) < world:
+        raise ValueError(f"{world} processes need batches of at least {world} samples (batch_size {cfg.batch_size}, {n_train} training points)")
     steps_per_epoch = 1 if cfg.batch_size is None else math.ceil(n_train / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # data order and augmentation
@@ -340,7 +342,9 @@ def fit(
                 xb = augment(xb, gen)
             n_global = len(yb)
             if world > 1:
-                if n_global < world:  # some process would get no sample (its mean loss: NaN); every process skips it
+                # some process would get no sample (its mean loss: NaN): every process skips this
+                # last, smaller batch (and its scheduler step, a negligible drift from one process)
+                if n_global < world:
                     continue
                 xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
             if use_cl:
