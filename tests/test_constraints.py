@@ -190,6 +190,7 @@ def test_bad_options_fail_early():
         SeparationConstraint(net, weight=-1)
     with pytest.raises(ValueError, match="layers= is empty"):
         SeparationConstraint(net, layers=[])
+    assert SeparationConstraint(net, layers=(m for m in net if isinstance(m, nn.Linear))).layers == [net[0], net[2]]
 
 
 def test_the_stacked_functions_refuse_bad_options_and_shapes():

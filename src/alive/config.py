@@ -105,7 +105,6 @@ class RunConfig:
     liveness_every: int = 0
 
     def __post_init__(self):
-        check_fields(self)
         # lr=1 and lr=1.0 are one configuration: one store key (JSON writes 1 and 1.0 apart)
         for f in fields(self):
             v = getattr(self, f.name)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import AGGREGATIONS, CONV_REDUCTIONS, KINDS, TIES, stacked_separation_penalty
+from .functional import TIES, _check_options, stacked_separation_penalty
 
 __all__ = ["SeparationConstraint", "hidden_layers", "WEIGHTED_TYPES"]
 
@@ -157,12 +157,7 @@ class SeparationConstraint:
         layers: Sequence[nn.Module] | None = None,
         ties: str = "split",
     ):
-        if kind not in KINDS:
-            raise ValueError(f"unknown separation kind {kind!r}; choose one of {KINDS}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
-        if conv_reduction not in CONV_REDUCTIONS:
-            raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose one of {CONV_REDUCTIONS}")
+        _check_options(aggregation, conv_reduction, kind)
         if ties not in TIES:
             raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
         if not 0.0 <= rho <= 1.0:
@@ -171,9 +166,11 @@ class SeparationConstraint:
             raise ValueError(f"weight (lambda) must be non-negative, got {weight}")
         self.kind, self.weight, self.rho, self.margin = kind, float(weight), float(rho), float(margin)
         self.aggregation, self.conv_reduction, self.ties = aggregation, conv_reduction, ties
-        if layers is not None and not list(layers):
-            raise ValueError("layers= is empty: give at least one layer to constrain, or None for every hidden layer")
-        self.layers = list(layers) if layers is not None else hidden_layers(model, include_output)
+        if layers is not None:
+            layers = list(layers)  # any iterable, read once
+            if not layers:
+                raise ValueError("layers= is empty: give at least one layer to constrain, or None for every hidden layer")
+        self.layers = layers if layers is not None else hidden_layers(model, include_output)
         if not self.layers:
             raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
         self._raw: list[Tensor] = []  # the layers' outputs

@@ -136,12 +136,12 @@ def liveness(
     """
     if conv_reduction not in ("channel", "position"):
         raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose 'channel' or 'position'")
-    acts = _activation_modules(model) if layers is None else []
     if layers is not None:
         layers = list(layers)
         if not layers:
             raise ValueError("layers= is empty: give at least one module, or None for every activation's input")
         return _liveness(model, data, batch_size, layers, [], conv_reduction, include_output)
+    acts = _activation_modules(model)
     if acts:
         report = _liveness(model, data, batch_size, None, acts, conv_reduction, include_output)
         if report.summary["layers"]:
@@ -176,7 +176,6 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
 
     calls = [0]
     per_pass: set[int] = set()
-    weighted = [m for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
     last_output: list[Tensor | None] = [None]
 
     def new_pass(module, args):
@@ -221,6 +220,7 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
     if acts:
         handles = [model.register_forward_pre_hook(new_pass), model.register_forward_hook(end_pass)]
         handles += [m.register_forward_pre_hook(activation_hook, with_kwargs=True) for m in acts]
+        weighted = [m for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
         if weighted:
             handles.append(weighted[-1].register_forward_hook(output_layer_hook))
     else:

@@ -728,9 +728,9 @@ def _freeze(stack: GridStack, opt: torch.optim.Optimizer, dead: Tensor) -> None:
             sel = idx[idx < view.shape[0]]
             if len(sel):
                 view[sel] = 0
-    for l in range(len(stack.active)):
-        if stack.batchnorm:
-            sel = idx[idx < stack.active[l]]
+    if stack.batchnorm:
+        for l, n in enumerate(stack.active):
+            sel = idx[idx < n]
             getattr(stack, f"running_mean_{l}")[sel] = 0
             getattr(stack, f"running_var_{l}")[sel] = 1
 
