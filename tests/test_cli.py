@@ -37,7 +37,12 @@ def test_train_stores_a_result_and_results_lists_it(tmp_path, capsys):
 
 def test_sweep_dry_run_and_profiles(tmp_path, capsys):
     assert main(["sweep", "--experiment", "moons", "--profile", "smoke", "--dry-run", "--store", str(tmp_path)]) == 0
-    assert "30 runs, 0 stored" in capsys.readouterr().out
+    assert "30 runs, 30 to train" in capsys.readouterr().out
+    dry = ["sweep", "--experiment", "moons", "--profile", "smoke", "--dry-run", "--store", str(tmp_path), "--retrain-before"]
+    assert main(dry + ["2026-01-01"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(dry + ["last week"])
+    assert exit_.value.code == 2 and "not an ISO date" in capsys.readouterr().err
     assert load_profile("depth", "book")["profile"] == "book"
     assert load_profile("moons", "book")["long"] == "paper"  # the stored paper grid beside the book one
     from alive.config import ConfigError

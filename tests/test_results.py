@@ -70,6 +70,32 @@ def test_grid_engine_is_used_for_grid_cells_and_load_makes_a_frame(tmp_path):
     assert len(df) == 4 and {"depth", "width", "best_val_acc", "dead_point_fraction", "status"} <= set(df.columns)
 
 
+def test_retrain_before_trains_older_records_again_and_only_once(tmp_path, monkeypatch):
+    from alive.config import ConfigError
+    from alive.results import count_missing
+
+    store = Store(tmp_path)
+    cfgs = [CFG.replace(seed=s) for s in range(3)]
+    sweep(cfgs, store, device="cpu", engine="single", progress="quiet")
+    for path in sorted((tmp_path / "t").glob("*.json"))[:2]:  # two records made in 2020
+        rec = json.loads(path.read_text())
+        rec["environment"]["created"] = "2020-06-01T12:00:00+00:00"
+        path.write_text(json.dumps(rec))
+    assert count_missing(cfgs, store, "cpu") == 0
+    assert count_missing(cfgs, store, "cpu", retrain_before="2020-06-01T11:00") == 0
+    assert count_missing(cfgs, store, "cpu", retrain_before="2020-06-01T12:00:01+00:00") == 2
+    assert count_missing(cfgs, store, "cpu", retrain_before="2020-06-01T14:00+02:00") == 0  # 12:00 UTC: not before
+    real_fit, calls = alive.train.fit, []
+    monkeypatch.setattr(alive.train, "fit", lambda cfg, **kw: calls.append(cfg.seed) or real_fit(cfg, **kw))
+    recs = sweep(cfgs, store, device="cpu", engine="single", progress="quiet", retrain_before="2021-01-01")
+    assert len(calls) == 2 and len(recs) == 3 and len(list((tmp_path / "t").glob("*.json"))) == 3
+    assert all(r["environment"]["created"] > "2021" for r in recs)
+    sweep(cfgs, store, device="cpu", engine="single", progress="quiet", retrain_before="2021-01-01")  # a restart
+    assert len(calls) == 2
+    with pytest.raises(ConfigError, match="ISO date"):
+        sweep(cfgs, store, device="cpu", retrain_before="yesterday")
+
+
 def test_lock_blocks_a_second_trainer(tmp_path):
     store = Store(tmp_path)
     with store.lock("t", "abc") as first:

@@ -94,6 +94,9 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--store", default=None)
     p.add_argument("--engine", default="auto", choices=("auto", "single"), help="auto batches grid cells (alive.grid)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are stored, train nothing")
+    p.add_argument("--retrain-before", default=None, metavar="DATE",
+                   help="train again (and overwrite) the stored runs created before DATE (ISO, UTC unless zoned), "
+                        "e.g. after a fix to what a record measures; restartable")
 
 
 def _results_parser(sub) -> None:
@@ -131,7 +134,7 @@ def _cmd_sweep(args) -> int:
     import yaml
 
     from . import experiments
-    from .results import Store, parse_shard, sweep
+    from .results import Store, count_missing, parse_shard, sweep
 
     values = load_profile(args.experiment, args.profile, args.profiles_dir)
     for item in args.set:
@@ -145,13 +148,11 @@ def _cmd_sweep(args) -> int:
     cfgs = experiments.configs(args.experiment, **values)
     store = Store(args.store) if args.store else Store()
     if args.dry_run:
-        from .train import resolve_device, resolve_precision
-
-        dev = resolve_device(values.get("device"))
-        stored = sum(store.get(c, resolve_precision(c.precision, dev)) is not None for c in cfgs)
-        print(f"{args.experiment} ({args.profile}): {len(cfgs)} runs, {stored} stored, {len(cfgs) - stored} to train")
+        todo = count_missing(cfgs, store, values.get("device"), args.retrain_before)
+        print(f"{args.experiment} ({args.profile}): {len(cfgs)} runs, {todo} to train")
         return 0
-    recs = sweep(cfgs, store=store, device=values.get("device"), shard=args.shard, engine=args.engine)
+    recs = sweep(cfgs, store=store, device=values.get("device"), shard=args.shard, engine=args.engine,
+                 retrain_before=args.retrain_before)
     print(f"{args.experiment} ({args.profile}): {len(recs)}/{len(cfgs)} results stored")
     return 0
 

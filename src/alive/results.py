@@ -12,6 +12,7 @@ book's reproducibility check uses it).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -25,9 +26,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
-__all__ = ["Store", "MissingResult", "run", "sweep", "load", "histories", "parse_shard", "default_store"]
+__all__ = ["Store", "MissingResult", "run", "sweep", "count_missing", "load", "histories", "parse_shard", "default_store"]
 
 log = logging.getLogger("alive")
 
@@ -240,6 +241,7 @@ def sweep(
     engine: str = "auto",
     progress: str = "auto",
     train: bool = True,
+    retrain_before: str | None = None,
     **fit_kwargs,
 ) -> list[dict]:
     """Records for every configuration, training only what is missing.
@@ -250,10 +252,15 @@ def sweep(
     share one sweep and one store; the returned list then holds the records available so far. ``engine="auto"`` trains groups of small
     MLP/CNN grid cells together with :mod:`alive.grid` (same results, much faster);
     ``"single"`` trains one network at a time.
+
+    ``retrain_before`` (an ISO date or time, UTC unless it names a zone) counts records
+    created before that moment as missing: they are trained again and overwritten, e.g. after
+    a fix to what a record measures. Restartable like any sweep: a retrained record is newer.
     """
     from .grid import can_batch, train_group, group_configs
 
     store = store or default_store()
+    stale_before = _moment(retrain_before) if retrain_before is not None else None
     i, n = parse_shard(shard)
     configs = list(configs)
     precision = {id(c): _precision(c, device) for c in configs}
@@ -263,7 +270,7 @@ def sweep(
     # shards own a fixed slice of *all* runs (sorted by key), so shards started at different
     # times, or restarted, never skip or duplicate a run
     ordered = sorted(unique.items())
-    pending = {k for k, c in ordered if store.get(c, precision[id(c)]) is None}
+    pending = {k for k, c in ordered if _missing(store, c, precision[id(c)], stale_before)}
     mine = [c for j, (k, c) in enumerate(ordered) if j % n == i and k in pending]
     if mine and (_no_train() or not train):
         raise MissingResult(
@@ -280,13 +287,39 @@ def sweep(
             for rec in train_group(group, device=device, progress=progress):
                 store.put(rec)
     for c in single:
-        run(c, store, device, progress=progress, **fit_kwargs)
+        stale = stale_before is not None and _missing(store, c, precision[id(c)], stale_before)
+        run(c, store, device, retrain=stale, progress=progress, **fit_kwargs)
     out = []
     for c in configs:
         rec = store.get(c, precision[id(c)])
         if rec is not None:
             out.append(rec)
     return out
+
+
+def _missing(store: Store, config: RunConfig, precision: str, stale_before: datetime.datetime | None) -> bool:
+    rec = store.get(config, precision)
+    return rec is None or (stale_before is not None and _moment(rec["environment"]["created"]) < stale_before)
+
+
+def count_missing(configs: Sequence[RunConfig], store: Store | None = None, device=None, retrain_before: str | None = None) -> int:
+    """How many of ``configs`` (distinct runs) :func:`sweep` would train, with the same arguments."""
+    store = store or default_store()
+    stale_before = _moment(retrain_before) if retrain_before is not None else None
+    runs = {}
+    for c in configs:
+        p = _precision(c, device)
+        runs.setdefault((c.experiment, c.key(p)), (c, p))
+    return sum(_missing(store, c, p, stale_before) for c, p in runs.values())
+
+
+def _moment(text: str) -> datetime.datetime:
+    """An ISO date or time as an aware datetime (UTC when it names no zone)."""
+    try:
+        t = datetime.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not an ISO date or time: {text!r} (e.g. 2026-12-01 or 2026-12-01T21:30)") from None
+    return t if t.tzinfo is not None else t.replace(tzinfo=datetime.timezone.utc)
 
 
 _METRIC_COLUMNS = ("best_val_acc", "best_epoch", "final_val_acc", "final_train_acc", "final_train_loss", "epochs_run", "parameters")
