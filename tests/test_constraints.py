@@ -433,6 +433,16 @@ def test_padded_units_never_leak_into_a_point_even_when_not_finite():
         assert g_p.item() == pytest.approx(0.75 + 0.8)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bfloat16_position_tie_counts_are_exact_on_both_gradient_paths(sparse):
+    z = torch.zeros(1, 1, 17, 17, dtype=torch.bfloat16, requires_grad=True)  # 289 tied positions, one point
+    (g_u, _) = stacked_separation_penalty([z], "u", rho=1.0, sparse_grad=sparse)
+    (grad,) = torch.autograd.grad(g_u.sum(), [z])
+    assert grad.is_sparse == sparse
+    grad = grad.to_dense().float()
+    assert torch.all(grad == grad[0, 0, 0, 0]) and grad.sum().item() == pytest.approx(-1.0, abs=2e-3)
+
+
 def test_sparse_gradient_of_feature_maps_equals_the_dense_one_with_ties():
     torch.manual_seed(7)
     zs = [(torch.randn(5, 3, 4, 4) * 0.1).round(decimals=1) for _ in range(2)]  # every hinge active; ties

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -81,6 +82,9 @@ def test_retrain_before_trains_older_records_again_and_only_once(tmp_path, monke
         rec = json.loads(path.read_text())
         rec["environment"]["created"] = "2020-06-01T12:00:00+00:00"
         path.write_text(json.dumps(rec))
+    ckpt = store.checkpoint_path("t", rec["key"])  # and a checkpoint left by a killed 2020 run: not resumed
+    ckpt.write_bytes(b"not a checkpoint of today's code")
+    os.utime(ckpt, (1591012800, 1591012800))
     assert count_missing(cfgs, store, "cpu") == 0
     assert count_missing(cfgs, store, "cpu", retrain_before="2020-06-01T11:00") == 0
     assert count_missing(cfgs, store, "cpu", retrain_before="2020-06-01T12:00:01+00:00") == 2
@@ -89,7 +93,7 @@ def test_retrain_before_trains_older_records_again_and_only_once(tmp_path, monke
     monkeypatch.setattr(alive.train, "fit", lambda cfg, **kw: calls.append(cfg.seed) or real_fit(cfg, **kw))
     recs = sweep(cfgs, store, device="cpu", engine="single", progress="quiet", retrain_before="2021-01-01")
     assert len(calls) == 2 and len(recs) == 3 and len(list((tmp_path / "t").glob("*.json"))) == 3
-    assert all(r["environment"]["created"] > "2021" for r in recs)
+    assert all(r["environment"]["created"] > "2021" for r in recs) and not ckpt.exists()
     sweep(cfgs, store, device="cpu", engine="single", progress="quiet", retrain_before="2021-01-01")  # a restart
     assert len(calls) == 2
     with pytest.raises(ConfigError, match="ISO date"):

@@ -288,6 +288,10 @@ def sweep(
                 store.put(rec)
     for c in single:
         stale = stale_before is not None and _missing(store, c, precision[id(c)], stale_before)
+        if stale:  # nor resume from a checkpoint of a run older than the fix
+            ckpt = store.checkpoint_path(c.experiment, c.key(precision[id(c)]))
+            if ckpt.exists() and datetime.datetime.fromtimestamp(ckpt.stat().st_mtime, datetime.timezone.utc) < stale_before:
+                ckpt.unlink()
         run(c, store, device, retrain=stale, progress=progress, **fit_kwargs)
     out = []
     for c in configs:
