@@ -181,3 +181,47 @@ def test_activations_called_by_keyword_and_a_changing_number_of_calls():
     with pytest.raises(RuntimeError, match="activation modules .* times in different forward passes"):
         liveness(Varying(), torch.randn(12, 2), batch_size=8)
 
+
+
+def _sequence_net(act=None):
+    """(N, T=4, 2) sequences -> Linear(2, 3) per position -> activation -> head: the _net units."""
+    net = _net([-10.0, 10.0, 0.0], act)
+    return net
+
+
+def test_sequences_through_linear_layers_have_their_features_as_units():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 2)  # 5 samples of 4 positions: the units are the 3 features, not the 4 positions
+    x[0, :, 0] = -torch.rand(4) - 0.5  # sample 0: every position negative on input 0 -> dead at the layer
+    x[1:, 0, 0] = 1.0
+    net = _net([-0.1, 10.0, 0.0])  # unit 0: z = x0 - 0.1; unit 1 always on; unit 2: z = x0
+    with torch.no_grad():
+        net[0].bias[1] = -10.0  # unit 1 always off: dead
+    rep = liveness(net, x)
+    row = rep.layers.iloc[0]
+    assert (row.units, row.dead_units, row.affine_units, row.dead_points) == (3, 1, 0, 1)
+    assert rep.points == 5 and rep.dead_points == 1
+    assert liveness(net, x, unit_dim=1).layers.iloc[0].units == 4  # the positions read as units, if asked
+    assert liveness(net, x, layers=[net[0]]).layers.iloc[0].units == 3  # a Linear's own output too
+    dn = dead_neurons(net, x)
+    assert (dn.loc[0, "neurons"], dn.loc[0, "dead"]) == (3, 1)
+    linked = _net([-0.1, -10.0, 0.0], Linked("relu", dim=-1))
+    dn = dead_neurons(linked, x).iloc[0]
+    assert (dn.neurons, dn.dead, dn.dead_members) == (3, 0, 1)  # unit 1: relu(z) always 0, relu(-z) not
+    with torch.no_grad():
+        linked[0].weight[1].zero_()
+        linked[0].bias[1] = 0.0
+    assert liveness(linked, x).linked.flat_units.tolist() == [1]  # z == 0 everywhere: both members flat
+
+
+def test_conv1d_maps_keep_channels_as_units_and_bad_unit_dims_are_refused():
+    net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6, 1))
+    rep = liveness(net, torch.randn(4, 2, 8))
+    assert rep.layers.iloc[0].units == 3
+    for bad in ("last", 0, True, 1.0):
+        with pytest.raises(ValueError, match="unit_dim"):
+            liveness(net, torch.randn(4, 2, 8), unit_dim=bad)
+    with pytest.raises(ValueError, match="unit_dim"):
+        dead_neurons(net, torch.randn(4, 2, 8), unit_dim="features")
+    with pytest.raises(ValueError, match="does not name a unit dimension"):
+        liveness(net, torch.randn(4, 2, 8), unit_dim=3)

@@ -77,6 +77,45 @@ def _names(model: nn.Module) -> dict[int, str]:
     return {id(m): name or type(m).__name__ for name, m in model.named_modules()}
 
 
+def _check_unit_dim(unit_dim) -> None:
+    if unit_dim == "auto" or (isinstance(unit_dim, int) and not isinstance(unit_dim, bool) and unit_dim != 0):
+        return
+    raise ValueError(f"unit_dim must be 'auto' or a non-zero dimension (0 holds the points), got {unit_dim!r}")
+
+
+def _resolve_unit_dim(unit_dim, producer: nn.Module | None, z: Tensor) -> int:
+    """The unit dimension of ``z``: ``unit_dim`` itself, or for ``"auto"`` the last one when
+    the last Linear/Conv that ran before was a ``Linear`` on ``(N, *, F)`` rows (a token
+    or position of a sequence is then a position, its ``F`` features the units, as
+    :class:`~alive.constraints.SeparationConstraint` reads them), else 1 (channels)."""
+    if unit_dim == "auto":
+        return -1 if isinstance(producer, nn.Linear) and z.dim() > 2 else 1
+    if not -z.dim() <= unit_dim < z.dim() or unit_dim % z.dim() == 0:
+        raise ValueError(f"unit_dim {unit_dim} does not name a unit dimension of a tensor of shape {tuple(z.shape)}")
+    return unit_dim
+
+
+def _units_at_1(z: Tensor, dim: int) -> Tensor:
+    """``z`` as ``(points, units, *positions)``."""
+    return z if z.dim() < 2 or dim % z.dim() == 1 else z.movedim(dim, 1)
+
+
+@contextmanager
+def _last_weighted_layer(model: nn.Module) -> Iterator[list]:
+    """A one-item list holding the ``Linear``/``Conv`` module that ran last in ``model``."""
+    last: list[nn.Module | None] = [None]
+
+    def hook(module, args, out):
+        last[0] = module
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
+    try:
+        yield last
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass
 class LivenessReport:
     """Per-layer liveness table plus a one-line summary (see :func:`liveness`)."""
@@ -108,6 +147,7 @@ def liveness(
     layers: Sequence[nn.Module] | None = None,
     conv_reduction: str = "channel",
     include_output: bool = False,
+    unit_dim: int | str = "auto",
 ) -> LivenessReport:
     """Stream ``data`` through ``model`` once (eval mode, no gradients) and count the living.
 
@@ -120,13 +160,16 @@ def liveness(
             output sigmoid) is not a hidden layer unless ``include_output``. A model whose
             activation modules are never called (functional activations) falls back to its
             hidden ``Linear``/``Conv`` outputs; one that mixes functional activations with
-            modules is seen through its modules only (pass ``layers=`` then). Dimension 1 is
-            the unit (channel) dimension.
+            modules is seen through its modules only (pass ``layers=`` then).
         layers: inspect the *outputs* of these modules instead.
         data: a tensor of inputs, an ``(inputs, targets)`` pair or an :class:`alive.data.Dataset`
             (its training inputs).
         conv_reduction: ``"channel"`` (a unit is a channel, extremes over positions too) or
             ``"position"`` (every position of a feature map its own unit).
+        unit_dim: the dimension of the units. ``"auto"``: the features of a ``Linear`` layer
+            applied to ``(N, *, F)`` rows (sequences, tokens: the ``F`` features are the units,
+            every other dimension a position, as the separation constraint reads them), the
+            channels (dimension 1) otherwise. Dimension 0 always holds the points (samples).
 
     Returns:
         a :class:`LivenessReport`: ``layers`` (one row per layer: units, dead units, affine
@@ -136,21 +179,22 @@ def liveness(
     """
     if conv_reduction not in ("channel", "position"):
         raise ValueError(f"unknown conv_reduction {conv_reduction!r}; choose 'channel' or 'position'")
+    _check_unit_dim(unit_dim)
     if layers is not None:
         layers = list(layers)
         if not layers:
             raise ValueError("layers= is empty: give at least one module, or None for every activation's input")
-        return _liveness(model, data, batch_size, layers, [], conv_reduction, include_output)
+        return _liveness(model, data, batch_size, layers, [], conv_reduction, include_output, unit_dim)
     acts = _activation_modules(model)
     if acts:
-        report = _liveness(model, data, batch_size, None, acts, conv_reduction, include_output)
+        report = _liveness(model, data, batch_size, None, acts, conv_reduction, include_output, unit_dim)
         if report.summary["layers"]:
             return report
     # no activation module, or none of them called: the hidden layers' outputs
-    return _liveness(model, data, batch_size, hidden_layers(model, include_output), [], conv_reduction, include_output)
+    return _liveness(model, data, batch_size, hidden_layers(model, include_output), [], conv_reduction, include_output, unit_dim)
 
 
-def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_output) -> LivenessReport:
+def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_output, unit_dim) -> LivenessReport:
     names = _names(model)
     hi: dict[int, Tensor] = {}
     lo: dict[int, Tensor] = {}
@@ -159,7 +203,8 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
     linked_mods = [m for m in model.modules() if isinstance(m, Linked)]
     alive_linked: dict[int, Tensor] = {}
 
-    def record(i: int, z: Tensor) -> None:
+    def record(i: int, z: Tensor, producer: nn.Module | None) -> None:
+        z = _units_at_1(z, _resolve_unit_dim(unit_dim, producer, z))
         z = _positions_innermost(z, 2)  # channels-last maps reduce ~14x slower on a CPU
         sp = tuple(range(2, z.dim()))
         red = (0,) + (sp if conv_reduction == "channel" else ())
@@ -170,7 +215,7 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
 
     def unit_hook(i):
         def hook(module, args, z):
-            record(i, z)
+            record(i, z, module)
 
         return hook
 
@@ -200,11 +245,11 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
         if len(called) <= i:
             name = names.get(id(module), str(i))
             called.append(name if name not in called else f"{name} (call {called.count(name) + 1})")
-        record(i, z)
+        record(i, z, last_weighted[0])
 
     def linked_hook(i, mod: Linked):
         def hook(module, args):
-            z = _positions_innermost(args[0], 2)
+            z = _positions_innermost(_units_at_1(args[0], mod.dim), 2)  # the linked channels' dimension
             red = (0,) + tuple(range(2, z.dim()))
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(True)
@@ -229,8 +274,9 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
     handles += [m.register_forward_pre_hook(linked_hook(i, m)) for i, m in enumerate(linked_mods)]
     points = 0
     try:
-        for n in _stream(model, data, batch_size):
-            points += n
+        with _last_weighted_layer(model) as last_weighted:
+            for n in _stream(model, data, batch_size):
+                points += n
     finally:
         for h in handles:
             h.remove()
@@ -278,18 +324,20 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
     return LivenessReport(table, linked_table, points, int(any_dead.sum()), summary)
 
 
-def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0.0) -> pd.DataFrame:
+def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0.0, unit_dim: int | str = "auto") -> pd.DataFrame:
     """Dead neurons per activation layer as the linked-neurons paper counts them.
 
     A neuron is dead when its output is 0 (``|a| <= atol``) for every sample and every
     position. For a linked activation the neuron is the linked unit: it is dead only when
     *every* member's output is 0 everywhere; ``dead_members`` counts the member channels
     that are (for mirror-linked ReLU, the ``relu(z)`` half of a unit that is always negative).
+    ``unit_dim``: as in :func:`liveness` (a linked activation's units lie along its own ``dim``).
 
     Returns:
         a DataFrame with one row per activation module, in call order: ``layer`` (1-based),
         ``name``, ``neurons`` (units), ``dead``, ``dead_members``.
     """
+    _check_unit_dim(unit_dim)
     names = _names(model)
     acts = _activation_modules(model)
     if not acts:
@@ -299,6 +347,8 @@ def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0
 
     def hook(module, args, out):
         k = id(module)
+        dim = module.dim if isinstance(module, Linked) else _resolve_unit_dim(unit_dim, last_weighted[0], out)
+        out = _units_at_1(out, dim)
         red = (0,) + tuple(range(2, out.dim()))
         nonzero = (out.abs() > atol).any(dim=red) if out.dim() > 1 else (out.abs() > atol)
         if k not in alive:
@@ -309,8 +359,9 @@ def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0
 
     handles = [m.register_forward_hook(hook) for m in acts]
     try:
-        for _ in _stream(model, data, batch_size):
-            pass
+        with _last_weighted_layer(model) as last_weighted:
+            for _ in _stream(model, data, batch_size):
+                pass
     finally:
         for h in handles:
             h.remove()
