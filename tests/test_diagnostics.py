@@ -183,12 +183,6 @@ def test_activations_called_by_keyword_and_a_changing_number_of_calls():
 
 
 
-def _sequence_net(act=None):
-    """(N, T=4, 2) sequences -> Linear(2, 3) per position -> activation -> head: the _net units."""
-    net = _net([-10.0, 10.0, 0.0], act)
-    return net
-
-
 def test_sequences_through_linear_layers_have_their_features_as_units():
     torch.manual_seed(0)
     x = torch.randn(5, 4, 2)  # 5 samples of 4 positions: the units are the 3 features, not the 4 positions
@@ -225,3 +219,37 @@ def test_conv1d_maps_keep_channels_as_units_and_bad_unit_dims_are_refused():
         dead_neurons(net, torch.randn(4, 2, 8), unit_dim="features")
     with pytest.raises(ValueError, match="does not name a unit dimension"):
         liveness(net, torch.randn(4, 2, 8), unit_dim=3)
+
+
+def test_auto_unit_dim_follows_the_linear_output_not_just_the_last_layer_type():
+    x = torch.randn(8, 4)
+    unflat = nn.Sequential(nn.Linear(4, 30), nn.Unflatten(1, (3, 2, 5)), nn.ReLU(), nn.Flatten(), nn.Linear(30, 1))
+    assert liveness(unflat, x).layers.units.tolist() == [3]  # reshaped into 3 channels of 2x5
+    assert dead_neurons(unflat, x).neurons.tolist() == [3]
+    # an activation before the first Linear in every pass, batches smaller than the data set
+    first = nn.Sequential(nn.Tanh(), nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    seq = torch.randn(8, 4, 2)
+    assert liveness(first, seq, batch_size=4, unit_dim=-1).layers.units.tolist() == [2, 3]
+    assert liveness(first, seq, batch_size=4).layers.units.tolist() == [4, 3]  # the input: no Linear before it
+    assert dead_neurons(first, seq, batch_size=4).neurons.tolist() == [4, 3]
+    # layers= on a module after a Linear on sequences: the Linear's features
+    ln_net = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.ReLU(), nn.Linear(3, 1))
+    assert liveness(ln_net, seq, layers=[ln_net[1]]).layers.units.tolist() == [3]
+    assert liveness(ln_net, seq).layers.units.tolist() == [3]
+
+
+def test_a_linked_activation_counts_units_along_its_own_dim_everywhere():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(2, 3, 3), Linked("relu", dim=-1), nn.Flatten(), nn.Linear(3 * 12, 1))
+    x = torch.randn(4, 2, 8)  # conv output (4, 3, 6); linked along the 6 positions -> (4, 3, 12)
+    rep = liveness(net, x)
+    assert rep.layers.units.tolist() == [6] and rep.linked.units.tolist() == [6]
+    assert dead_neurons(net, x).neurons.tolist() == [6]
+
+
+def test_one_value_per_point_is_one_unit_whatever_the_unit_dim():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1), nn.Flatten(0), nn.Sigmoid())
+    x = torch.randn(6, 2)
+    for unit_dim in ("auto", -1):
+        assert dead_neurons(net, x, unit_dim=unit_dim).neurons.tolist() == [3, 1]
+        assert liveness(net, x, unit_dim=unit_dim, include_output=True).layers.units.tolist() == [3, 1]

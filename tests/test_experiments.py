@@ -98,3 +98,16 @@ def test_stored_results_by_seed_and_their_claims_side_by_side():
         E.stored_by_seed("moons", [10, 10], **kw)
     assert list(E.by_seed(by_seed["median of 2 seeds"])) == list(by_seed)
     assert list(E.by_seed(by_seed["seed 10"])) == ["seed 10"]
+
+
+def test_each_zero_init_claim_quotes_its_own_sentence_of_the_paper():
+    from alive import paper
+
+    rows = [dict(method=m, depth=d, width=w, seed=10, best_val_acc=acc, final_train_acc=acc, status="ok")
+            for m, good_width in (("sep-up-zero", 25), ("sep-up", 2), ("relu+bn", 99))
+            for d in (1, 60) for w in (2, 25)
+            for acc in [1.0 if w >= good_width else 0.5]]
+    claims = E._grid_claims(E.params("zero_init", threshold=0.95), pd.DataFrame(rows), "fig4")
+    sentences = [s for _, s in paper.SEPARATION_CLAIMS["fig4"]]
+    assert claims.paper.tolist()[:2] == sentences
+    assert claims.verdict.tolist()[:2] == ["supported", "supported"]  # width 25 vs 2 at depth 60; 60 layers vs none

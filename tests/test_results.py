@@ -98,6 +98,16 @@ def test_retrain_before_trains_older_records_again_and_only_once(tmp_path, monke
     assert len(calls) == 2
     with pytest.raises(ConfigError, match="ISO date"):
         sweep(cfgs, store, device="cpu", retrain_before="yesterday")
+    with pytest.raises(ConfigError, match="in the future"):
+        count_missing(cfgs, store, "cpu", retrain_before="2999-01-01")
+    path = sorted((tmp_path / "t").glob("*.json"))[0]  # a record that does not say when it was made: old
+    rec = json.loads(path.read_text())
+    del rec["environment"]["created"]
+    path.write_text(json.dumps(rec))
+    assert count_missing(cfgs, store, "cpu", retrain_before="2021-01-01T00:00:00Z") == 1
+    monkeypatch.setenv("ALIVE_NO_TRAIN", "1")
+    with pytest.raises(MissingResult, match="older than retrain_before"):
+        sweep(cfgs, store, device="cpu", retrain_before="2021-01-01")
 
 
 def test_lock_blocks_a_second_trainer(tmp_path):
@@ -149,3 +159,15 @@ def test_stale_locks(tmp_path):
     lock.write_text(str(os.getpid()))  # the older format: a pid alone
     assert not _stale(lock)
 
+
+
+def test_retrain_before_also_retrains_grid_cells(tmp_path):
+    store = Store(tmp_path)
+    cfgs = [CFG.replace(depth=1, width=w) for w in (1, 4)]
+    sweep(cfgs, store, device="cpu", progress="quiet")
+    for path in (tmp_path / "t").glob("*.json"):
+        rec = json.loads(path.read_text())
+        rec["environment"]["created"] = "2020-06-01T12:00:00+00:00"
+        path.write_text(json.dumps(rec))
+    recs = sweep(cfgs, store, device="cpu", progress="quiet", retrain_before="2021-01-01")
+    assert all(r["environment"]["created"] > "2021" and r["timing"].get("batched_with") for r in recs)

@@ -93,7 +93,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--store", default=None)
     p.add_argument("--engine", default="auto", choices=("auto", "single"), help="auto batches grid cells (alive.grid)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and which are stored, train nothing")
+    p.add_argument("--dry-run", action="store_true", help="count the runs and how many a sweep would train (all shards), train nothing")
     p.add_argument("--retrain-before", default=None, metavar="DATE",
                    help="train again (and overwrite) the stored runs created before DATE (ISO, UTC unless zoned), "
                         "e.g. after a fix to what a record measures; restartable")

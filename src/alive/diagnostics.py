@@ -83,32 +83,45 @@ def _check_unit_dim(unit_dim) -> None:
     raise ValueError(f"unit_dim must be 'auto' or a non-zero dimension (0 holds the points), got {unit_dim!r}")
 
 
-def _resolve_unit_dim(unit_dim, producer: nn.Module | None, z: Tensor) -> int:
+def _resolve_unit_dim(unit_dim, last: tuple | None, z: Tensor) -> int:
     """The unit dimension of ``z``: ``unit_dim`` itself, or for ``"auto"`` the last one when
-    the last Linear/Conv that ran before was a ``Linear`` on ``(N, *, F)`` rows (a token
-    or position of a sequence is then a position, its ``F`` features the units, as
-    :class:`~alive.constraints.SeparationConstraint` reads them), else 1 (channels)."""
+    ``z`` is (still shaped as) the output of a ``Linear`` applied to ``(N, *, F)`` rows, the
+    last Linear/Conv that ran (``last = (module, output shape)``): a token or position of a
+    sequence is then a position and its ``F`` features are the units, as
+    :class:`~alive.constraints.SeparationConstraint` reads them. Otherwise 1 (channels),
+    also for a Linear output reshaped into a feature map. Tensors of fewer than 2
+    dimensions have no unit dimension to move."""
+    if z.dim() < 2:
+        return 1
     if unit_dim == "auto":
-        return -1 if isinstance(producer, nn.Linear) and z.dim() > 2 else 1
+        module, shape = last if last is not None else (None, None)
+        return -1 if isinstance(module, nn.Linear) and z.dim() > 2 and z.shape == shape else 1
     if not -z.dim() <= unit_dim < z.dim() or unit_dim % z.dim() == 0:
         raise ValueError(f"unit_dim {unit_dim} does not name a unit dimension of a tensor of shape {tuple(z.shape)}")
     return unit_dim
 
 
 def _units_at_1(z: Tensor, dim: int) -> Tensor:
-    """``z`` as ``(points, units, *positions)``."""
-    return z if z.dim() < 2 or dim % z.dim() == 1 else z.movedim(dim, 1)
+    """``z`` as ``(points, units, *positions)``; one value per point (``(N,)``) is one unit."""
+    if z.dim() < 2:
+        return z.reshape(-1, 1)
+    return z if dim % z.dim() == 1 else z.movedim(dim, 1)
 
 
 @contextmanager
 def _last_weighted_layer(model: nn.Module) -> Iterator[list]:
-    """A one-item list holding the ``Linear``/``Conv`` module that ran last in ``model``."""
-    last: list[nn.Module | None] = [None]
+    """A one-item list holding ``(module, output shape)`` of the ``Linear``/``Conv`` that ran
+    last in the current forward pass of ``model`` (``None`` before the first)."""
+    last: list[tuple | None] = [None]
+
+    def new_pass(module, args):
+        last[0] = None
 
     def hook(module, args, out):
-        last[0] = module
+        last[0] = (module, out.shape if isinstance(out, Tensor) else None)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
+    handles = [model.register_forward_pre_hook(new_pass)]
+    handles += [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
     try:
         yield last
     finally:
@@ -203,8 +216,8 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
     linked_mods = [m for m in model.modules() if isinstance(m, Linked)]
     alive_linked: dict[int, Tensor] = {}
 
-    def record(i: int, z: Tensor, producer: nn.Module | None) -> None:
-        z = _units_at_1(z, _resolve_unit_dim(unit_dim, producer, z))
+    def record(i: int, z: Tensor, dim: int) -> None:
+        z = _units_at_1(z, dim)
         z = _positions_innermost(z, 2)  # channels-last maps reduce ~14x slower on a CPU
         sp = tuple(range(2, z.dim()))
         red = (0,) + (sp if conv_reduction == "channel" else ())
@@ -215,7 +228,8 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
 
     def unit_hook(i):
         def hook(module, args, z):
-            record(i, z, module)
+            last = (module, z.shape) if isinstance(module, WEIGHTED_TYPES) else last_weighted[0]
+            record(i, z, _resolve_unit_dim(unit_dim, last, z))
 
         return hook
 
@@ -245,7 +259,8 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
         if len(called) <= i:
             name = names.get(id(module), str(i))
             called.append(name if name not in called else f"{name} (call {called.count(name) + 1})")
-        record(i, z, last_weighted[0])
+        # a linked activation's units lie along its own dim (its members' outputs are concatenated there)
+        record(i, z, module.dim if isinstance(module, Linked) else _resolve_unit_dim(unit_dim, last_weighted[0], z))
 
     def linked_hook(i, mod: Linked):
         def hook(module, args):

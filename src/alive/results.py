@@ -260,7 +260,7 @@ def sweep(
     from .grid import can_batch, train_group, group_configs
 
     store = store or default_store()
-    stale_before = _moment(retrain_before) if retrain_before is not None else None
+    stale_before = _retrain_moment(retrain_before) if retrain_before is not None else None
     i, n = parse_shard(shard)
     configs = list(configs)
     precision = {id(c): _precision(c, device) for c in configs}
@@ -274,7 +274,9 @@ def sweep(
     mine = [c for j, (k, c) in enumerate(ordered) if j % n == i and k in pending]
     if mine and (_no_train() or not train):
         raise MissingResult(
-            f"{len(mine)} of {len(configs)} results are not stored (e.g. {mine[0].label} in {mine[0].experiment!r}) "
+            f"{len(mine)} of {len(configs)} results are not stored"
+            + (" or older than retrain_before" if stale_before is not None else "")
+            + f" (e.g. {mine[0].label} in {mine[0].experiment!r}) "
             "and training is off (ALIVE_NO_TRAIN or train=False)"
         )
     if mine:
@@ -303,13 +305,20 @@ def sweep(
 
 def _missing(store: Store, config: RunConfig, precision: str, stale_before: datetime.datetime | None) -> bool:
     rec = store.get(config, precision)
-    return rec is None or (stale_before is not None and _moment(rec["environment"]["created"]) < stale_before)
+    if rec is None:
+        return True
+    if stale_before is None:
+        return False
+    try:  # a record that does not say when it was made counts as old
+        return _moment(rec["environment"]["created"]) < stale_before
+    except (KeyError, TypeError, ConfigError):
+        return True
 
 
 def count_missing(configs: Sequence[RunConfig], store: Store | None = None, device=None, retrain_before: str | None = None) -> int:
     """How many of ``configs`` (distinct runs) :func:`sweep` would train, with the same arguments."""
     store = store or default_store()
-    stale_before = _moment(retrain_before) if retrain_before is not None else None
+    stale_before = _retrain_moment(retrain_before) if retrain_before is not None else None
     runs = {}
     for c in configs:
         p = _precision(c, device)
@@ -318,12 +327,20 @@ def count_missing(configs: Sequence[RunConfig], store: Store | None = None, devi
 
 
 def _moment(text: str) -> datetime.datetime:
-    """An ISO date or time as an aware datetime (UTC when it names no zone)."""
+    """An ISO date or time as an aware datetime (UTC when it names no zone; ``Z`` is UTC)."""
     try:
-        t = datetime.datetime.fromisoformat(text)
-    except (TypeError, ValueError):
+        t = datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except (TypeError, ValueError, AttributeError):
         raise ConfigError(f"not an ISO date or time: {text!r} (e.g. 2026-12-01 or 2026-12-01T21:30)") from None
     return t if t.tzinfo is not None else t.replace(tzinfo=datetime.timezone.utc)
+
+
+def _retrain_moment(text: str) -> datetime.datetime:
+    t = _moment(text)
+    if t > datetime.datetime.now(datetime.timezone.utc):
+        # every record it retrains would again be older than it: a sweep that never settles
+        raise ConfigError(f"retrain_before {text!r} lies in the future (UTC unless it names a zone)")
+    return t
 
 
 _METRIC_COLUMNS = ("best_val_acc", "best_epoch", "final_val_acc", "final_train_acc", "final_train_loss", "epochs_run", "parameters")
