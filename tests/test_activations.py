@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import alive
@@ -71,7 +72,8 @@ def test_linked_dim_and_shape():
 def test_custom_three_way_linkage():
     act = Linked([torch.relu, lambda z: torch.relu(-z), torch.tanh])
     assert act.num_members == 3 and act.policy == "custom"
-    assert act(torch.zeros(2, 4)).shape == (2, 12)
+    z = torch.randn(2, 4)
+    assert torch.equal(act(z), torch.cat((torch.relu(z), torch.relu(-z), torch.tanh(z)), 1))  # members in order
 
 
 def test_linkage_needs_two_members():
@@ -115,7 +117,8 @@ def test_registry_names_aliases_and_factor():
 def test_aliases_and_repr():
     act = LinkedReLU()
     assert "base=relu" in repr(act) and "policy=mirror" in repr(act) and "members=2" in repr(act)
-    assert isinstance(alive.LinkedSwish()(torch.randn(2, 3)), torch.Tensor)
+    z = torch.randn(2, 3)
+    torch.testing.assert_close(alive.LinkedSwish()(z), torch.cat((F.silu(z), F.silu(-z)), 1))
 
 
 def test_check_linkage_cases():
@@ -152,10 +155,13 @@ def test_widen_rejects_non_int():
         widen(4.0)
 
 
-def test_linked_relu_runs_under_torch_func_at_any_size():
-    for z in (torch.randn(4, 3), torch.randn(512, 300)):  # the composition, and the fused path's size
-        g = torch.func.grad(lambda t: AF.linked_relu(t, 1).square().sum())(z)
+def test_linked_relu_under_torch_func_at_any_size_equals_the_eager_fused_gradient():
+    for z in (torch.randn(4, 3), torch.randn(512, 300)):  # small, and the fused path's size
+        g = torch.func.grad(lambda t: AF.linked_relu(t, 1).square().sum())(z)  # transforms take the composition
         ref = torch.func.grad(lambda t: torch.cat((torch.relu(t), torch.relu(-t)), 1).square().sum())(z)
         torch.testing.assert_close(g, ref)
         assert torch.equal(g, 2 * z)  # d/dz of relu(z)^2 + relu(-z)^2 = z^2
+        eager = z.clone().requires_grad_(True)
+        AF.linked_relu(eager, 1).square().sum().backward()  # the hand-written fused backward
+        assert torch.equal(eager.grad, g)
 

@@ -40,6 +40,7 @@ def test_sweep_dry_run_and_profiles(tmp_path, capsys):
     assert "30 runs, 30 to train" in capsys.readouterr().out
     dry = ["sweep", "--experiment", "moons", "--profile", "smoke", "--dry-run", "--store", str(tmp_path), "--retrain-before"]
     assert main(dry + ["2026-01-01"]) == 0
+    assert "30 runs, 30 to train" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         main(dry + ["last week"])
     assert exit_.value.code == 2 and "not an ISO date" in capsys.readouterr().err

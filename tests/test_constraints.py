@@ -76,8 +76,14 @@ def test_index_extremes_match_amax_for_unique_extremes():
             g_u, g_p = stacked_separation_penalty(z, "up", unit_mask=m, ties=ties)
             (grad,) = torch.autograd.grad((g_u + 2 * g_p).sum(), z)
             outs.append((g_u.detach(), g_p.detach(), grad))
-        for a, b in zip(*outs):
-            assert torch.allclose(a, b)
+        zr = z.detach().clone().requires_grad_(True)
+        ref_u = _reference_penalty(zr, "u", 0.5, 1.0, "paper", "channel", m)
+        ref_p = _reference_penalty(zr, "p", 0.5, 1.0, "paper", "channel", m)
+        (ref_grad,) = torch.autograd.grad((ref_u + 2 * ref_p).sum(), zr)
+        outs.append((ref_u.detach(), ref_p.detach(), ref_grad))
+        for split, first, amax in zip(*outs):
+            assert torch.allclose(split, first) and torch.allclose(split, amax)
+        assert outs[0][2].abs().sum() > 0
 
 
 def test_split_ties_share_the_gradient():
@@ -164,7 +170,12 @@ def test_dense_fast_path_equals_reference_with_padding():
         fast = dense_separation_penalty(zz, cu, cp, 0.5, 1.0, agg, padded=(mask == 0).unsqueeze(1), unit_weight=mask)
         g_u, g_p = stacked_separation_penalty(z, "up", aggregation=agg, unit_mask=mask.bool())
         assert torch.allclose(fast, cu * g_u + cp * g_p)
+        zr = z.clone().requires_grad_(True)  # the formulas written out with autograd's amax (other code)
+        ref = cu * _reference_penalty(zr, "u", 0.5, 1.0, agg, "channel", mask) + cp * _reference_penalty(zr, "p", 0.5, 1.0, agg, "channel", mask)
+        assert torch.allclose(fast, ref) and bool((ref[:2] > 0).all())
         fast.sum().backward()
+        ref.sum().backward()
+        assert torch.allclose(zz.grad, zr.grad) and zr.grad.abs().sum() > 0
         assert torch.all(zz.grad[mask.unsqueeze(1).expand_as(z) == 0] == 0)  # no gradient to padding
 
 
@@ -285,7 +296,10 @@ def test_context_manager_options_and_conv():
     with SeparationConstraint(net, kind="p", include_output=True, conv_reduction="position") as sep:
         net(torch.randn(3, 1, 5, 5))
         assert len(sep.layers) == 2
-        assert sep.penalty() > 0
+        want = sum(_reference_penalty(z.unsqueeze(0), "p", 0.5, 1.0, "paper", "position").sum() for z in sep.preactivations)
+        assert sep.penalty().item() == pytest.approx(want.item()) and want.item() > 0
+        assert want.item() != pytest.approx(sum(_reference_penalty(z.unsqueeze(0), "up", 0.5, 1.0, "paper", "channel").sum()
+                                                for z in sep.preactivations).item())
     assert not net[0]._forward_hooks
     only = SeparationConstraint(net, layers=[net[2]])
     assert only.layers == [net[2]]
@@ -504,7 +518,9 @@ def test_outputs_modified_in_place_are_refused_with_a_clear_error(conv):
     net[1] = nn.ReLU()
     with SeparationConstraint(net, kind="up") as sep:
         net(x)
-        assert sep.penalty().item() >= 0
+        (z,) = sep.preactivations
+        conv = "channel" if conv else "position"
+        assert sep.penalty().item() == pytest.approx(_reference_penalty(z.unsqueeze(0), "up", 0.5, 1.0, "paper", conv).item())
 
 
 def _cnn_pair(fmt=torch.contiguous_format):

@@ -26,7 +26,7 @@ def test_fit_on_cuda(precision, data_dir):
                     batch_size=32, augment=True, constraint="up", weight=1e-4, precision=precision)
     rec = fit(cfg, device="cuda", progress="quiet")
     assert rec["status"] == "ok" and rec["precision"] == precision and rec["environment"]["device"].startswith("cuda")
-    assert rec["history"]["train_loss"][-1] < rec["history"]["train_loss"][0] + 0.5
+    assert rec["history"]["train_loss"][-1] < rec["history"]["train_loss"][0]
 
 
 def test_auto_precision_is_bf16_on_cuda_and_keys_differ():
@@ -39,6 +39,7 @@ def test_compiled_model_trains_like_eager():
     cfg = RunConfig(depth=3, width=4, epochs=5, batch_size=None, lr=0.01, precision="fp32")
     eager = fit(cfg, device="cuda", progress="quiet")
     compiled = fit(cfg, device="cuda", progress="quiet", compile=True)
+    assert len(eager["history"]["train_loss"]) == len(compiled["history"]["train_loss"]) == cfg.epochs
     for a, b in zip(eager["history"]["train_loss"], compiled["history"]["train_loss"]):
         assert a == pytest.approx(b, abs=1e-4)
 

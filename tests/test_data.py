@@ -20,7 +20,8 @@ def test_mnist_npz_complete(data_dir):
     assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
     assert d.full and "mnist.npz" in d.source and d.x_train.max() == 255
     u = mnist(scaling="unit", n_train=100, n_test=10)
-    assert u.x_train.shape[0] == 100 and u.x_train.max() <= 1.0 and "100 train / 10 test" in u.source
+    assert u.x_train.shape[0] == 100 and "100 train / 10 test" in u.source
+    assert torch.allclose(u.x_train, d.x_train[:100] / 255) and u.x_train.min() == 0 and u.x_train.max() == 1
 
 
 def test_cifar_subset_and_require_full(data_dir):
@@ -29,6 +30,7 @@ def test_cifar_subset_and_require_full(data_dir):
     assert not d.full and "subset" in d.source
     mean = d.x_train.mean((0, 2, 3))
     assert torch.allclose(mean, torch.zeros(3), atol=1e-4)
+    assert torch.allclose(d.x_train.std((0, 2, 3)), torch.ones(3), atol=1e-3)
     with pytest.raises(DataError, match="full cifar10"):
         cifar10(require_full=True)
     with pytest.raises(DataError, match="n_train=6000 but .* has only 5085 train images"):
@@ -72,19 +74,17 @@ def test_batches_cover_every_index_once():
 
 
 def test_augment_flips_and_shifts_exactly():
-    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
-    g = torch.Generator().manual_seed(3)
-    flipped = augment(x, g, flip=True, shift=0.0)
-    for i in range(2):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
-    shifted = augment(x, torch.Generator().manual_seed(1), flip=False, shift=0.5)  # up to 2 rows / 2 (3) cols
-    for i in range(2):
-        img, out = x[i, 0], shifted[i, 0]
-        found = False
-        for dy in range(-2, 3):
-            for dx in range(-3, 4):
-                rows = (torch.arange(4) - dy).clamp(0, 3)
-                cols = (torch.arange(5) - dx).clamp(0, 4)
-                if torch.equal(out, img[rows][:, cols]):
-                    found = True
-        assert found  # a whole-pixel shift with the nearest edge repeated
+    n, h, w = 16, 4, 5
+    x = torch.arange(n * 2 * h * w, dtype=torch.float32).reshape(n, 2, h, w)
+    out = augment(x, torch.Generator().manual_seed(3), flip=True, shift=0.5)  # up to 2 rows, 2 (round(2.5)) cols
+    g = torch.Generator().manual_seed(3)  # the same draws, in augment's order
+    flipped = torch.rand(n, generator=g) < 0.5
+    dy = torch.randint(-2, 3, (n,), generator=g)
+    dx = torch.randint(-2, 3, (n,), generator=g)
+    assert 0 < int(flipped.sum()) < n and bool((dy != 0).any()) and bool((dx != 0).any())
+    for i in range(n):
+        img = x[i].flip(-1) if flipped[i] else x[i]
+        rows = (torch.arange(h) - dy[i]).clamp(0, h - 1)  # a whole-pixel shift, the nearest edge repeated
+        cols = (torch.arange(w) - dx[i]).clamp(0, w - 1)
+        assert torch.equal(out[i], img[:, rows][:, :, cols]), i
+    assert torch.equal(augment(x, torch.Generator().manual_seed(3), flip=False, shift=0.0), x)

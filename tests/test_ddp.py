@@ -35,6 +35,7 @@ def test_two_processes_agree_with_one(tmp_path):
     ddp = json.loads(out.read_text())
     assert ddp["environment"]["world_size"] == 2
     for k in ("train_loss", "val_loss", "penalty"):
+        assert len(single["history"][k]) == len(ddp["history"][k]) == CFG.epochs, k
         for a, b in zip(single["history"][k], ddp["history"][k]):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-5), k
     assert single["history"]["val_acc"] == ddp["history"]["val_acc"]

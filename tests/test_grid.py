@@ -19,6 +19,7 @@ def _compare(cfgs, loss_tol=2e-6, exact_acc=True, ties="split"):
     for c in cfgs:
         single = fit(c, device="cpu", progress="quiet")
         batched = grid[single["key"]]
+        assert len(single["history"]["train_loss"]) == len(batched["history"]["train_loss"]) == c.epochs
         for a, b in zip(single["history"]["train_loss"], batched["history"]["train_loss"]):
             assert a == pytest.approx(b, abs=loss_tol)
         if exact_acc:
@@ -184,9 +185,18 @@ def test_a_frozen_network_is_zero_in_parameters_and_optimiser_state_and_stays_so
 def test_diagnostics_see_the_activation_input_after_batchnorm():
     cfgs = [BASE.replace(depth=d, width=w, batchnorm=True) for d, w in [(3, 2), (2, 3)]]
     stack = GridStack(cfgs, (2,), 2)
-    seen = []
-    stack(torch.randn(16, 2), train=True, on_layer=lambda l, z, a: seen.append(torch.equal(torch.relu(z), a)))
-    assert seen == [True] * 3
+    seen, real_units = [], []
+
+    def look(l, z, a):  # z: (nets, points, units); BatchNorm at init in train mode: mean 0, variance 1 per unit
+        seen.append(torch.equal(torch.relu(z), a))
+        mean, var = z.mean(1), z.var(1, unbiased=False)
+        padded = (z == 0).all(1)
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5)
+        assert torch.allclose(var[~padded], torch.ones_like(var[~padded]), atol=0.05)  # eps (1e-3) shrinks small ones
+        real_units.append(int((~padded).sum()))
+
+    stack(torch.randn(16, 2), train=True, on_layer=look)
+    assert seen == [True] * 3 and real_units == [2 + 3, 2 + 3, 2]
 
 
 def test_empty_groups_are_refused_clearly():
@@ -216,7 +226,7 @@ def test_conv_stack_is_the_same_function_in_both_memory_layouts(activation, monk
         monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
         logits, pen = stack(x)
         monkeypatch.undo()
-        assert all(seen) if layout else not any(seen)
+        assert seen and (all(seen) if layout else not any(seen))
         (logits.square().sum() + pen.sum()).backward()
         outs.append((logits.detach(), pen.detach(), [p.grad.clone() for p in stack.parameters()]))
         stack.zero_grad()
