@@ -86,9 +86,9 @@ def _check_unit_dim(unit_dim) -> None:
 def _resolve_unit_dim(unit_dim, last: tuple | None, z: Tensor) -> int:
     """The unit dimension of ``z``: ``unit_dim`` itself, or for ``"auto"`` the last one when
     ``z`` is (still shaped as) the output of a ``Linear`` applied to ``(N, *, F)`` rows, the
-    last Linear/Conv that ran (``last = (module, output shape)``): a token or position of a
-    sequence is then a position and its ``F`` features are the units, as
-    :class:`~alive.constraints.SeparationConstraint` reads them. Otherwise 1 (channels),
+    last Linear/Conv that ran (``last = (module, output shape)``): its ``F`` features are the
+    units (the constraint's units too) and a token of a sequence is a position of its sample.
+    Otherwise 1 (channels),
     also for a Linear output reshaped into a feature map. Tensors of fewer than 2
     dimensions have no unit dimension to move."""
     if z.dim() < 2:
@@ -181,8 +181,12 @@ def liveness(
             ``"position"`` (every position of a feature map its own unit).
         unit_dim: the dimension of the units. ``"auto"``: the features of a ``Linear`` layer
             applied to ``(N, *, F)`` rows (sequences, tokens: the ``F`` features are the units,
-            every other dimension a position, as the separation constraint reads them), the
-            channels (dimension 1) otherwise. Dimension 0 always holds the points (samples).
+            the same units the separation constraint uses, and every other dimension a
+            position), the channels (dimension 1) otherwise. Dimension 0 always holds the
+            points, the samples: a sample is dead at a layer when every unit is ``<= 0`` at
+            every token. (The constraint instead makes every token row a point of its own, so
+            its Sep-P terms see dead tokens that liveness counts only when their whole sample is
+            dead.)
 
     Returns:
         a :class:`LivenessReport`: ``layers`` (one row per layer: units, dead units, affine
