@@ -86,7 +86,7 @@ def _check_unit_dim(unit_dim) -> None:
 def _resolve_unit_dim(unit_dim, last: tuple | None, z: Tensor) -> int:
     """The unit dimension of ``z``: ``unit_dim`` itself, or for ``"auto"`` the last one when
     ``z`` is (still shaped as) the output of a ``Linear`` applied to ``(N, *, F)`` rows, the
-    last Linear/Conv that ran (``last = (module, output shape)``): its ``F`` features are the
+    last Linear/Conv that ran (``last = (module, output)``): its ``F`` features are the
     units (the constraint's units too) and a token of a sequence is a position of its sample.
     Otherwise 1 (channels),
     also for a Linear output reshaped into a feature map. Tensors of fewer than 2
@@ -94,8 +94,8 @@ def _resolve_unit_dim(unit_dim, last: tuple | None, z: Tensor) -> int:
     if z.dim() < 2:
         return 1
     if unit_dim == "auto":
-        module, shape = last if last is not None else (None, None)
-        return -1 if isinstance(module, nn.Linear) and z.dim() > 2 and z.shape == shape else 1
+        module, out = last if last is not None else (None, None)
+        return -1 if isinstance(module, nn.Linear) and z.dim() > 2 and z.shape == out.shape else 1
     if not -z.dim() <= unit_dim < z.dim() or unit_dim % z.dim() == 0:
         raise ValueError(f"unit_dim {unit_dim} does not name a unit dimension of a tensor of shape {tuple(z.shape)}")
     return unit_dim
@@ -110,15 +110,15 @@ def _units_at_1(z: Tensor, dim: int) -> Tensor:
 
 @contextmanager
 def _last_weighted_layer(model: nn.Module) -> Iterator[list]:
-    """A one-item list holding ``(module, output shape)`` of the ``Linear``/``Conv`` that ran
-    last in the current forward pass of ``model`` (``None`` before the first)."""
+    """A one-item list holding ``(module, output)`` of the ``Linear``/``Conv`` that ran last in
+    the current forward pass of ``model`` (``None`` before the first)."""
     last: list[tuple | None] = [None]
 
     def new_pass(module, args):
         last[0] = None
 
     def hook(module, args, out):
-        last[0] = (module, out.shape if isinstance(out, Tensor) else None)
+        last[0] = (module, out) if isinstance(out, Tensor) else None
 
     handles = [model.register_forward_pre_hook(new_pass)]
     handles += [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
@@ -232,18 +232,18 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
 
     def unit_hook(i):
         def hook(module, args, z):
-            last = (module, z.shape) if isinstance(module, WEIGHTED_TYPES) else last_weighted[0]
+            last = (module, z) if isinstance(module, WEIGHTED_TYPES) else last_weighted[0]
             record(i, z, _resolve_unit_dim(unit_dim, last, z))
 
         return hook
 
     calls = [0]
     per_pass: set[int] = set()
-    last_output: list[Tensor | None] = [None]
+    weighted = [m for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
+    output_layer = weighted[-1] if weighted else None
 
     def new_pass(module, args):
         calls[0] = 0
-        last_output[0] = None
 
     def end_pass(module, args, out):
         per_pass.add(calls[0])
@@ -251,12 +251,10 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
             raise RuntimeError(f"the model called its activation modules {sorted(per_pass)} times in different "
                                "forward passes; liveness needs the same layers in every pass (pass layers=)")
 
-    def output_layer_hook(module, args, out):
-        last_output[0] = out
-
     def activation_hook(module, args, kwargs):
         z = args[0] if args else next(iter(kwargs.values()))
-        if z is last_output[0] and not include_output:
+        last = last_weighted[0]
+        if not include_output and last is not None and last[0] is output_layer and z is last[1]:
             return  # an output nonlinearity, not a hidden layer
         i = calls[0]
         calls[0] += 1
@@ -264,7 +262,7 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
             name = names.get(id(module), str(i))
             called.append(name if name not in called else f"{name} (call {called.count(name) + 1})")
         # a linked activation's units lie along its own dim (its members' outputs are concatenated there)
-        record(i, z, module.dim if isinstance(module, Linked) else _resolve_unit_dim(unit_dim, last_weighted[0], z))
+        record(i, z, module.dim if isinstance(module, Linked) else _resolve_unit_dim(unit_dim, last, z))
 
     def linked_hook(i, mod: Linked):
         def hook(module, args):
@@ -276,7 +274,7 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
                 for g in mod.members:
                     (d,) = torch.autograd.grad(g(zz).sum(), zz, allow_unused=True)
                     if d is not None:
-                        any_slope |= (d != 0).any(dim=red) if z.dim() > 1 else (d != 0)
+                        any_slope |= (d != 0).any(dim=red)
             alive_linked[i] = any_slope if i not in alive_linked else alive_linked[i] | any_slope
 
         return hook
@@ -284,9 +282,6 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
     if acts:
         handles = [model.register_forward_pre_hook(new_pass), model.register_forward_hook(end_pass)]
         handles += [m.register_forward_pre_hook(activation_hook, with_kwargs=True) for m in acts]
-        weighted = [m for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
-        if weighted:
-            handles.append(weighted[-1].register_forward_hook(output_layer_hook))
     else:
         called += [names.get(id(layer), str(i)) for i, layer in enumerate(layers)]
         handles = [layer.register_forward_hook(unit_hook(i)) for i, layer in enumerate(layers)]
@@ -369,7 +364,7 @@ def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0
         dim = module.dim if isinstance(module, Linked) else _resolve_unit_dim(unit_dim, last_weighted[0], out)
         out = _units_at_1(out, dim)
         red = (0,) + tuple(range(2, out.dim()))
-        nonzero = (out.abs() > atol).any(dim=red) if out.dim() > 1 else (out.abs() > atol)
+        nonzero = (out.abs() > atol).any(dim=red)
         if k not in alive:
             order.append(k)
             alive[k] = nonzero

@@ -264,12 +264,9 @@ def sweep(
     i, n = parse_shard(shard)
     configs = list(configs)
     precision = {id(c): _precision(c, device) for c in configs}
-    unique: dict[tuple[str, str], RunConfig] = {}
-    for c in configs:
-        unique.setdefault((c.experiment, c.key(precision[id(c)])), c)
     # shards own a fixed slice of *all* runs (sorted by key), so shards started at different
     # times, or restarted, never skip or duplicate a run
-    ordered = sorted(unique.items())
+    ordered = sorted(_distinct_runs(configs, precision).items())
     pending = {k for k, c in ordered if _missing(store, c, precision[id(c)], stale_before)}
     mine = [c for j, (k, c) in enumerate(ordered) if j % n == i and k in pending]
     if mine and (_no_train() or not train):
@@ -315,15 +312,20 @@ def _missing(store: Store, config: RunConfig, precision: str, stale_before: date
         return True
 
 
+def _distinct_runs(configs: Sequence[RunConfig], precision: dict[int, str]) -> dict[tuple[str, str], RunConfig]:
+    """One configuration per stored run, ``(experiment, key)``: equal configurations train once."""
+    runs: dict[tuple[str, str], RunConfig] = {}
+    for c in configs:
+        runs.setdefault((c.experiment, c.key(precision[id(c)])), c)
+    return runs
+
+
 def count_missing(configs: Sequence[RunConfig], store: Store | None = None, device=None, retrain_before: str | None = None) -> int:
     """How many of ``configs`` (distinct runs) :func:`sweep` would train, with the same arguments."""
     store = store or default_store()
     stale_before = _retrain_moment(retrain_before) if retrain_before is not None else None
-    runs = {}
-    for c in configs:
-        p = _precision(c, device)
-        runs.setdefault((c.experiment, c.key(p)), (c, p))
-    return sum(_missing(store, c, p, stale_before) for c, p in runs.values())
+    precision = {id(c): _precision(c, device) for c in configs}
+    return sum(_missing(store, c, precision[id(c)], stale_before) for c in _distinct_runs(configs, precision).values())
 
 
 def _moment(text: str) -> datetime.datetime:
