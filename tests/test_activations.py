@@ -165,3 +165,69 @@ def test_linked_relu_under_torch_func_at_any_size_equals_the_eager_fused_gradien
         AF.linked_relu(eager, 1).square().sum().backward()  # the hand-written fused backward
         assert torch.equal(eager.grad, g)
 
+
+
+def test_in_place_members_are_refused():
+    # an in-place member would overwrite the pre-activation the other members read
+    for make in (lambda: Linked(nn.ReLU(inplace=True)), lambda: Linked("selu", inplace=True),
+                 lambda: Linked([nn.ReLU(inplace=True), nn.Tanh()]), lambda: Linked("relu", policy="minmax", inplace=True)):
+        with pytest.raises(ValueError, match="in place"):
+            make()
+    z = torch.tensor([[-2.0, 3.0]])
+    assert torch.equal(Linked(nn.ReLU())(z), torch.tensor([[0.0, 3.0, 2.0, 0.0]]))
+
+
+@pytest.mark.parametrize("numel", [6, 1 << 18])  # the composed and the fused path
+def test_linked_dim_out_of_range_is_refused_at_any_size(numel):
+    z = torch.randn(numel // 2, 2)
+    for dim in (2, -3):
+        with pytest.raises(IndexError, match="out of range"):
+            Linked("relu", dim=dim)(z)
+        with pytest.raises(IndexError, match="out of range"):
+            Linked("tanh", dim=dim)(z)
+
+
+def test_registering_a_broken_factory_leaves_no_entry_and_reregistering_relu_is_honoured(monkeypatch):
+    from alive import activations as A
+
+    for table in ("_REGISTRY", "_ALIASES", "_TYPES", "_FAST_RELU"):
+        monkeypatch.setattr(A, table, type(getattr(A, table))(getattr(A, table)))  # restored after the test
+    with pytest.raises(ValueError, match="cannot be called without arguments"):
+        alive.register_activation("needs_arg", lambda slope: nn.LeakyReLU(slope))
+    assert "needs_arg" not in alive.available_activations()
+    with pytest.raises(TypeError, match="must return an nn.Module"):
+        alive.register_activation("not_a_module", lambda: torch.relu)
+    assert "not_a_module" not in alive.available_activations()
+
+    class Shifted(nn.Module):
+        def forward(self, z):
+            return torch.relu(z - 1)
+
+    alive.register_activation("relu", Shifted)
+    assert torch.equal(Linked("relu")(torch.tensor([[3.0, -3.0]])), torch.tensor([[2.0, 0.0, 0.0, 2.0]]))
+
+
+def test_check_linkage_probes_every_channel_of_per_channel_members():
+    lk = alive.LinkedPReLU(3, init=0.0)
+    assert check_linkage(lk).ok  # mirror PReLU with slope 0 is mirror ReLU: linked
+    with torch.no_grad():
+        lk.members[0].weight.copy_(torch.tensor([0.0, 0.5, 0.0]))
+    assert check_linkage(lk).ok
+    flat = Linked([nn.PReLU(3, init=0.0), nn.PReLU(3, init=0.0)])  # both flat for z < 0 in every channel
+    rep = check_linkage(flat)
+    assert not rep.ok and rep.failures.max() < 0 and rep.flat_fraction == pytest.approx(0.5)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+    import pkgutil
+
+    attempted = 0
+    for info in pkgutil.iter_modules(alive.__path__):
+        if info.name == "__main__":
+            continue
+        result = doctest.testmod(importlib.import_module(f"alive.{info.name}"), optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, info.name
+        attempted += result.attempted
+    assert attempted >= 13

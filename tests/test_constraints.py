@@ -1,4 +1,6 @@
 """Separation constraints: hand-computed values (worked out on paper), gradients, hooks."""
+import copy
+import warnings
 import pytest
 import torch
 from torch import nn
@@ -148,6 +150,47 @@ def test_hand_written_extremes_equal_the_built_ins_to_second_order(ties, width, 
     want = first_and_second()
     for a, b in zip(got, want):
         assert torch.allclose(a, b), (ties, width, padding)
+
+
+@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("width", [1, 4])
+def test_dense_layers_in_one_node_equal_the_built_ins_to_second_order(ties, width, monkeypatch):
+    """One network's same-shaped dense layers take one fused node (stack, extremes, hinges);
+    it must give the built-ins' values and first and second derivatives, ties included."""
+    from alive import functional as AF
+
+    torch.manual_seed(7)
+    ws = [(torch.randint(-3, 4, (7, width)).double() / 3).requires_grad_(True) for _ in range(3)]  # ties everywhere
+    calls = []
+    fused = AF._DenseLayerSlacks.apply
+    monkeypatch.setattr(AF._DenseLayerSlacks, "apply", lambda *a: calls.append(1) or fused(*a))
+
+    def penalty():
+        g_u, g_p = stacked_separation_penalty([torch.tanh(w) for w in ws], "up", rho=0.6, margin=0.7,
+                                              aggregation="squared_sum", ties=ties)
+        return (g_u * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum() + g_p.sum()
+
+    def first_and_second():
+        gs = torch.autograd.grad(penalty(), ws, create_graph=True)
+        hs = torch.autograd.grad(sum((g * g).sum() for g in gs), ws)
+        return (penalty().detach(), *(g.detach() for g in gs), *hs)
+
+    got = first_and_second()
+    assert calls, "the fused node was not used"
+    calls.clear()
+    monkeypatch.setattr(AF, "_transforms_active", lambda: True)  # the built-in composite path
+    want = first_and_second()
+    assert not calls
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b), (ties, width)
+
+
+def test_dense_layers_with_every_hinge_inactive_get_zero_gradients():
+    zs = [torch.tensor([[3.0, -2.0], [-4.0, 5.0]], requires_grad=True) for _ in range(3)]
+    g_u, g_p = stacked_separation_penalty(zs, "up")
+    assert torch.equal(g_u, torch.zeros(3)) and torch.equal(g_p, torch.zeros(3))
+    (g_u.sum() + g_p.sum()).backward()
+    assert all(z.grad is not None and torch.equal(z.grad, torch.zeros(2, 2)) for z in zs)
 
 
 def test_hinge_gradient_passes_nan_as_autograd_relu_does():
@@ -597,3 +640,86 @@ def test_compiled_models_keep_the_dense_penalty_gradient():
             (nn.functional.cross_entropy(model(x), y) + sep.penalty()).backward()
     assert all(torch.allclose(p.grad, q.grad, atol=1e-5) for p, q in zip(a.parameters(), b.parameters()))
     assert a.features[0][0].weight.grad.abs().sum() > 0
+
+
+def test_compiled_dense_models_are_not_refused_as_modified_in_place():
+    # a compiled graph writes the Linear outputs after its traced hooks read their version
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    b = copy.deepcopy(a)
+    x = torch.randn(5, 3)
+    for model, net in ((torch.compile(a), a), (b, b)):
+        with SeparationConstraint(net, kind="up", weight=0.5) as sep:
+            (model(x).square().mean() + sep.penalty()).backward()
+    assert all(torch.allclose(p.grad, q.grad, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_inference_mode_forward_and_penalty():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    with SeparationConstraint(net, weight=0.5) as sep:
+        with torch.no_grad():
+            net(x)
+            want = sep.penalty()
+        with torch.inference_mode():  # e.g. Lightning's validation loop
+            net(x)
+            got = sep.penalty()
+        assert torch.equal(got, want) and want > 0
+
+
+def test_deepcopy_and_pickle_of_a_constrained_model_after_a_forward():
+    import io
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    sep = SeparationConstraint(net, weight=0.5)
+    net(x)
+    want = sep.penalty().item()
+    twin = copy.deepcopy(net)  # e.g. an EMA or best-so-far copy
+    torch.save(net, io.BytesIO())
+    assert torch.equal(twin(x), net(x))
+    assert sep.penalty().item() == want and len(sep.preactivations) == 1  # the original is untouched
+    copied = next(iter(twin[0]._forward_hooks.values())).__self__
+    assert copied is not sep and len(copied.preactivations) == 1  # the copy's own constraint captured its own pass
+    assert copied.preactivations[0] is not sep.preactivations[0]
+    sep.remove()
+
+
+def test_layers_weight_and_margin_are_checked_early():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="not part of the model"):
+        SeparationConstraint(net, layers=[nn.Linear(3, 4)])
+    with pytest.raises(TypeError, match="takes the model's modules"):
+        SeparationConstraint(net, layers=["0"])
+    with pytest.raises(ValueError, match="twice"):
+        SeparationConstraint(net, layers=[net[0], net[0]])
+    for kw in ({"weight": float("nan")}, {"weight": float("inf")}, {"margin": float("nan")}):
+        with pytest.raises(ValueError, match="finite"):
+            SeparationConstraint(net, **kw)
+    rnn = nn.Sequential(nn.LSTM(3, 4))
+    with SeparationConstraint(rnn, layers=[rnn[0]]):
+        with pytest.raises(TypeError, match="returned a tuple"):
+            rnn(torch.randn(2, 5, 3))
+
+
+def test_warns_when_the_presumed_output_layer_runs_before_constrained_layers():
+    class HeadFirst(nn.Module):  # the head is registered first, called last
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.body = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    net = HeadFirst()
+    with SeparationConstraint(net) as sep:
+        assert sep.layers == [net.head]
+        net(torch.randn(5, 3))
+        with pytest.warns(UserWarning, match="ran before constrained layers"):
+            sep.penalty()
+    ordinary = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with SeparationConstraint(ordinary) as sep, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ordinary(torch.randn(5, 3))
+        sep.penalty()

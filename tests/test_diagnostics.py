@@ -253,3 +253,28 @@ def test_one_value_per_point_is_one_unit_whatever_the_unit_dim():
     for unit_dim in ("auto", -1):
         assert dead_neurons(net, x, unit_dim=unit_dim).neurons.tolist() == [3, 1]
         assert liveness(net, x, unit_dim=unit_dim, include_output=True).layers.units.tolist() == [3, 1]
+
+
+def test_a_shared_activation_module_is_one_row_per_call_in_dead_neurons_and_liveness():
+    class Thrice(nn.Module):  # one self.act for layers of 4, 5 and 4 units
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.out = nn.Linear(2, 4), nn.Linear(4, 5), nn.Linear(5, 4), nn.Linear(4, 1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.out(self.act(self.c(self.act(self.b(self.act(self.a(x)))))))
+
+    net = Thrice()
+    with torch.no_grad():
+        net.b.bias.fill_(-100.0)  # the second call: every unit dead
+        net.b.weight.zero_()
+    x = torch.randn(16, 2)
+    table = dead_neurons(net, x)
+    assert table.name.tolist() == ["act", "act (call 2)", "act (call 3)"]
+    assert table.neurons.tolist() == [4, 5, 4]
+    assert table.dead.tolist()[1] == 5  # not OR-ed with the live first call
+    rep = liveness(net, x)
+    assert rep.layers.layer.tolist() == ["act", "act (call 2)", "act (call 3)"]
+    with pytest.raises(ValueError, match="no samples"):
+        liveness(net, x[:0])

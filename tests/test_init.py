@@ -45,3 +45,20 @@ def test_annealed_dropout_module():
     assert "p0=0.5" in repr(drop)
     with pytest.raises(ValueError):
         AnnealedDropout(1.0)
+
+
+def test_negative_epochs_and_lazy_modules_are_refused_with_a_message():
+    from alive.init import annealed_dropout_rate
+
+    with pytest.raises(ValueError, match="counts from 0"):
+        annealed_dropout_rate(-1)
+    drop = AnnealedDropout()
+    drop.epoch = -5
+    with pytest.raises(ValueError, match="counts from 0"):
+        drop.train()(torch.ones(3))
+    lazy = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="forward pass before"):
+        zero_init_(lazy)
+    lazy(torch.randn(2, 4))
+    zero_init_(lazy)
+    assert lazy[0].weight.abs().sum() == 0 and lazy[0].weight.shape == (3, 4)

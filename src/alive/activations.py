@@ -44,6 +44,7 @@ POLICIES = ("mirror", "minmax")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _ALIASES: dict[str, str] = {}
 _TYPES: set[type] = set()
+_FAST_RELU: set[str] = set()  # names whose mirror linkage is linked_relu (the built-in ReLU)
 
 
 def register_activation(name: str, factory: Callable[..., nn.Module], *, aliases: Iterable[str] = ()) -> None:
@@ -51,12 +52,18 @@ def register_activation(name: str, factory: Callable[..., nn.Module], *, aliases
     name = name.lower()
     if name.startswith(LINKED_PREFIX):
         raise ValueError(f"base activation names must not start with {LINKED_PREFIX!r}: {name!r}")
+    try:
+        module = factory()
+    except Exception as e:  # registered only once it works
+        raise ValueError(f"the factory of activation {name!r} cannot be called without arguments: {e}") from e
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"the factory of activation {name!r} must return an nn.Module, got {type(module).__name__}")
     _REGISTRY[name] = factory
+    _FAST_RELU.discard(name)  # a re-registered name means the user's factory, not the built-in fast path
     for alias in aliases:
         _ALIASES[alias.lower()] = name
-    module_type = type(factory())
-    if module_type is not nn.Identity:  # placeholders are not non-linearities
-        _TYPES.add(module_type)
+    if type(module) is not nn.Identity:  # placeholders are not non-linearities
+        _TYPES.add(type(module))
 
 
 def _prelu(num_parameters: int = 1, init: float = 0.25) -> nn.PReLU:
@@ -64,6 +71,7 @@ def _prelu(num_parameters: int = 1, init: float = 0.25) -> nn.PReLU:
 
 
 register_activation("relu", nn.ReLU)
+_FAST_RELU.add("relu")
 register_activation("leaky_relu", lambda negative_slope=0.01: nn.LeakyReLU(negative_slope), aliases=["lrelu"])
 register_activation("prelu", _prelu)
 register_activation("selu", nn.SELU)
@@ -186,6 +194,13 @@ def _as_module(member) -> nn.Module:
     raise TypeError(f"a linkage member must be a name, an nn.Module or a callable, got {member!r}")
 
 
+def _refuse_inplace(members: nn.ModuleList) -> None:
+    for m in members.modules():
+        if getattr(m, "inplace", False) is True:
+            raise ValueError(f"linkage member {m} works in place: it would overwrite the pre-activation that the "
+                             "other members share; use inplace=False")
+
+
 class Linked(nn.Module):
     r"""A linked activation: every member sees the same pre-activation, outputs are concatenated.
 
@@ -218,8 +233,8 @@ class Linked(nn.Module):
         >>> act = Linked("relu")
         >>> act(torch.tensor([[-2.0, 3.0]]))
         tensor([[0., 3., 2., 0.]])
-        >>> Linked("relu", policy="minmax")(torch.tensor([[-2.0, 3.0]]))
-        tensor([[ 0.,  3., -2.,  0.]])
+        >>> Linked("relu", policy="minmax")(torch.tensor([[-2.0, 3.0]]))  # -relu(-3) is -0.
+        tensor([[ 0.,  3., -2., -0.]])
     """
 
     def __init__(self, base="relu", policy: str = "mirror", dim: int = 1, **base_kwargs):
@@ -232,6 +247,7 @@ class Linked(nn.Module):
             self.policy = "custom"
             self.base_name = "custom"
             self.members = nn.ModuleList(_as_module(m) for m in base)
+            _refuse_inplace(self.members)
             return
         if policy not in POLICIES:
             raise ValueError(f"unknown linkage policy {policy!r}; choose one of {POLICIES} or pass a list of members")
@@ -244,13 +260,14 @@ class Linked(nn.Module):
                 raise ValueError("the identity has no flat region to link")
             self.base_name = name
             g1, g2 = _REGISTRY[name](**base_kwargs), _REGISTRY[name](**base_kwargs)
-            self._fast_relu = name == "relu" and policy == "mirror"
+            self._fast_relu = name in _FAST_RELU and policy == "mirror" and not base_kwargs
         else:
             g1 = _as_module(base)
             g2 = copy.deepcopy(g1)
             self.base_name = type(g1).__name__ if not isinstance(g1, _Fn) else g1.extra_repr()
         second = _Mirror(g2) if policy == "mirror" else _Reflect(g2)
         self.members = nn.ModuleList([g1, second])
+        _refuse_inplace(self.members)
 
     @property
     def num_members(self) -> int:
@@ -354,15 +371,18 @@ def check_linkage(members, z: Tensor | None = None, atol: float = 0.0) -> Linkag
     mods = _members_of(members)
     if z is None:
         z = torch.linspace(-10.0, 10.0, 20000, dtype=torch.float64)
-    z = z.detach().clone().to(torch.float64).requires_grad_(True)
-    alive = torch.zeros_like(z, dtype=torch.bool)
+    z = z.detach().reshape(-1).to(torch.float64)
+    # members with per-channel parameters (PReLU(num_parameters=C)) are probed in every channel
+    channels = max((getattr(m, "num_parameters", 1) for g in mods for m in g.modules()), default=1)
+    zz = z.unsqueeze(1).repeat(1, channels).requires_grad_(True)  # (probes, channels)
+    alive = torch.zeros_like(zz, dtype=torch.bool)
     for g in mods:
         g = copy.deepcopy(g).to(torch.float64)
-        (d,) = torch.autograd.grad(g(z.unsqueeze(0)).sum(), z, allow_unused=True)
+        (d,) = torch.autograd.grad(g(zz).sum(), zz, allow_unused=True)
         if d is not None:
             alive |= d.abs() > atol
-    failures = z.detach()[~alive]
-    return LinkageReport(ok=bool(alive.all()), failures=failures, probed=z.numel(), members=len(mods))
+    linked = alive.all(1)
+    return LinkageReport(ok=bool(linked.all()), failures=z[~linked], probed=z.numel(), members=len(mods))
 
 
 def linkage_table(names: Sequence[str] | None = None):

@@ -1,6 +1,8 @@
 """Separation constraints (Sep-U, Sep-P, Sep-UP) attached to any model through forward hooks."""
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -21,6 +23,21 @@ def hidden_layers(model: nn.Module, include_output: bool = False) -> list[nn.Mod
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layer to constrain")
     return layers if include_output else layers[:-1]
+
+
+def _check_layers(model: nn.Module, layers: list) -> None:
+    if not layers:
+        raise ValueError("layers= is empty: give at least one layer to constrain, or None for every hidden layer")
+    inside = {id(m) for m in model.modules()}
+    seen: set[int] = set()
+    for layer in layers:
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layers= takes the model's modules (e.g. model.fc1), got {type(layer).__name__}: {layer!r}")
+        if id(layer) not in inside:
+            raise ValueError(f"layers= names a module that is not part of the model: {layer}")
+        if id(layer) in seen:
+            raise ValueError(f"layers= names {layer} twice (its penalty would count twice)")
+        seen.add(id(layer))
 
 
 def _distributed() -> bool:
@@ -117,13 +134,21 @@ class SeparationConstraint:
     The hooks capture the *outputs* of the constrained layers, i.e. the pre-activation shared
     by all members of a linked activation. A ``Linear`` layer applied to ``(N, *, F)`` inputs
     has ``F`` units and every one of its ``N·*`` input rows is a point. By default every ``Linear`` and ``Conv`` layer
-    except the output one is constrained; pass ``layers=`` to choose. Those outputs must not be
+    except the output one (the last one registered in the model; a warning says when it runs
+    before constrained layers) is constrained; pass ``layers=`` to choose. Those outputs must not be
     modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
     would turn them into activations): :meth:`penalty` refuses such a forward pass. On a CPU,
     feature maps pass through an identity (same values and memory) that lets the penalty's
     gradient arrive as a sparse tensor. Under data-parallel
     training (``torch.distributed`` initialised) the extremes over points are taken over the
     global batch, so the penalty equals the single-process one (to float rounding).
+
+    A forward pass starts when the *model* is called: a model used through another method
+    (``model.encode(x)``) or through its submodules keeps adding captures until :meth:`clear`
+    is called (or attach the constraint to the module you call). Gradient checkpointing must
+    be non-reentrant (``use_reentrant=False``): the reentrant kind runs the forward under
+    ``no_grad``, so the penalty would get no gradient. ``copy.deepcopy`` and pickling of the
+    model take its hooks, and so a copy of the constraint, along without the captured tensors.
 
     Args:
         model: the network; the penalty refers to its last forward pass.
@@ -162,37 +187,50 @@ class SeparationConstraint:
             raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must lie in [0, 1], got {rho}")
-        if weight < 0:
-            raise ValueError(f"weight (lambda) must be non-negative, got {weight}")
+        if not weight >= 0 or not math.isfinite(weight):
+            raise ValueError(f"weight (lambda) must be a non-negative finite number, got {weight}")
+        if not math.isfinite(margin):
+            raise ValueError(f"margin must be a finite number, got {margin}")
         self.kind, self.weight, self.rho, self.margin = kind, float(weight), float(rho), float(margin)
         self.aggregation, self.conv_reduction, self.ties = aggregation, conv_reduction, ties
         if layers is not None:
             layers = list(layers)  # any iterable, read once
-            if not layers:
-                raise ValueError("layers= is empty: give at least one layer to constrain, or None for every hidden layer")
+            _check_layers(model, layers)
         self.layers = layers if layers is not None else hidden_layers(model, include_output)
         if not self.layers:
             raise ValueError("no layer to constrain (a model with one Linear/Conv layer has only its output)")
         self._raw: list[Tensor] = []  # the layers' outputs
         self._captured: list[Tensor] = []  # what the penalty reads: the output, or its densifying identity
-        self._versions: list[int] = []
+        self._versions: list[int | None] = []
+        self._output_at: int | None = None  # captures made before the presumed output layer last ran
+        self._warned = False
         self._handles = [model.register_forward_pre_hook(self._reset)]
         self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
+        if layers is None and not include_output:
+            self._output_layer = hidden_layers(model, include_output=True)[-1]
+            self._handles.append(self._output_layer.register_forward_hook(self._output_ran))
 
     # hooks
     def _reset(self, module, args) -> None:
         self.clear()
 
+    def _output_ran(self, module, args, output) -> None:
+        self._output_at = len(self._raw)
+
     def _capture(self, module, args, output: Tensor) -> Tensor | None:
+        if not isinstance(output, Tensor):
+            raise TypeError(f"the constrained layer {type(module).__name__} returned a {type(output).__name__}, "
+                            "not a tensor of pre-activations; constrain Linear/Conv-like layers (layers=)")
         # CPU feature maps take the penalty's gradient as a sparse tensor (see _Densify); the
         # model goes on with the identity's output (same values and memory). A compiled graph
         # cannot take a sparse gradient, so compiled forwards keep the dense path.
+        compiling = torch.compiler.is_compiling()
         densify = (
             output.dim() > 2
             and output.device.type == "cpu"
             and output.requires_grad
             and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
+            and not compiling
         )
         self._raw.append(output)
         if isinstance(module, nn.Linear) and output.dim() > 2:
@@ -202,7 +240,9 @@ class SeparationConstraint:
         if densify:
             output = _Densify.apply(output)
         self._captured.append(output)
-        self._versions.append(output._version)
+        # no in-place check where there is no counter to read: inference tensors have none, and
+        # a compiled graph writes its outputs after its (traced) hooks have run
+        self._versions.append(None if compiling or output.is_inference() else output._version)
         return output if densify else None
 
     # API
@@ -221,13 +261,20 @@ class SeparationConstraint:
         if not captured:
             raise RuntimeError("no forward pass has been recorded since the constraint was attached")
         # (per-layer Python is a real share of a thin deep net's step: one comprehension each)
-        versions = [z._version for z in captured]
+        versions = [None if v is None else z._version for z, v in zip(captured, self._versions)]
         if versions != self._versions:
             i = next(i for i, (a, b) in enumerate(zip(versions, self._versions)) if a != b)
             raise RuntimeError(
                 f"the output of a constrained layer (call {i} of the forward pass) "
                 "was modified in place after it was captured (e.g. by nn.ReLU(inplace=True)), so the "
                 "penalty would see post-activation values; use out-of-place activations after constrained layers")
+        if self._output_at is not None and self._output_at < len(self._raw) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{type(self._output_layer).__name__} layer {self._output_layer}, left unconstrained as the output "
+                "layer (the last Linear/Conv registered in the model), ran before constrained layers in this "
+                "forward pass; if it is not the output layer, choose the layers with layers= (or include_output=True)",
+                stacklevel=3)
         sync = _distributed()
         groups: dict[tuple, list[int]] = {}
         for i, z in enumerate(captured):
@@ -272,6 +319,7 @@ class SeparationConstraint:
         self._raw.clear()
         self._captured.clear()
         self._versions.clear()
+        self._output_at = None
 
     def remove(self) -> None:
         """Detach every hook; the model is left exactly as before."""
@@ -279,6 +327,13 @@ class SeparationConstraint:
             h.remove()
         self._handles = []
         self.clear()
+
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle of a model with the constraint attached carry its hooks, hence the
+        # constraint: not the last pass's captured tensors (non-leaf tensors cannot be copied)
+        state = self.__dict__.copy()
+        state["_raw"], state["_captured"], state["_versions"], state["_output_at"] = [], [], [], None
+        return state
 
     def __enter__(self) -> "SeparationConstraint":
         return self

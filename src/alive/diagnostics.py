@@ -14,7 +14,7 @@ Definitions (separation paper, Remarks 2.1–2.3; the papers' README):
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -57,6 +57,8 @@ def _stream(model: nn.Module, data, batch_size: int) -> Iterator[int]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     x = _inputs(data)
+    if x.shape[0] == 0:
+        raise ValueError("data holds no samples: liveness is measured by running the model over data")
     device = next((p.device for p in model.parameters()), x.device)
     with _eval_mode(model), torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
@@ -75,6 +77,13 @@ def _activation_modules(model: nn.Module) -> list[nn.Module]:
 
 def _names(model: nn.Module) -> dict[int, str]:
     return {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+
+
+def _call_name(seen: Counter, name: str) -> str:
+    """A module called several times in a pass (a shared ``self.act``) is a layer per call:
+    ``"act"``, ``"act (call 2)"``, ``"act (call 3)"``."""
+    seen[name] += 1
+    return name if seen[name] == 1 else f"{name} (call {seen[name]})"
 
 
 def _check_unit_dim(unit_dim) -> None:
@@ -217,6 +226,7 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
     lo: dict[int, Tensor] = {}
     dead_at: dict[int, list[Tensor]] = defaultdict(list)
     called: list[str] = []  # layer names in call order (an activation module may be called twice)
+    seen: Counter = Counter()
     linked_mods = [m for m in model.modules() if isinstance(m, Linked)]
     alive_linked: dict[int, Tensor] = {}
 
@@ -260,7 +270,7 @@ def _liveness(model, data, batch_size, layers, acts, conv_reduction, include_out
         calls[0] += 1
         if len(called) <= i:
             name = names.get(id(module), str(i))
-            called.append(name if name not in called else f"{name} (call {called.count(name) + 1})")
+            called.append(_call_name(seen, name))
         # a linked activation's units lie along its own dim (its members' outputs are concatenated there)
         record(i, z, module.dim if isinstance(module, Linked) else _resolve_unit_dim(unit_dim, last, z))
 
@@ -348,30 +358,39 @@ def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0
     ``unit_dim``: as in :func:`liveness` (a linked activation's units lie along its own ``dim``).
 
     Returns:
-        a DataFrame with one row per activation module, in call order: ``layer`` (1-based),
-        ``name``, ``neurons`` (units), ``dead``, ``dead_members``.
+        a DataFrame with one row per call of an activation module in a forward pass (a module
+        called twice, e.g. a shared ``self.act``, gives two rows, ``"act"`` and ``"act (call 2)"``),
+        in call order: ``layer`` (1-based), ``name``, ``neurons`` (units), ``dead``, ``dead_members``.
     """
     _check_unit_dim(unit_dim)
     names = _names(model)
     acts = _activation_modules(model)
     if not acts:
         raise ValueError(f"{type(model).__name__} has no activation module to inspect")
-    alive: dict[int, Tensor] = {}
-    order: list[int] = []
+    alive: dict[int, Tensor] = {}  # per call of an activation module in a forward pass
+    called: list[nn.Module] = []
+    calls = [0]
+
+    def new_pass(module, args):
+        calls[0] = 0
 
     def hook(module, args, out):
-        k = id(module)
+        i = calls[0]
+        calls[0] += 1
         dim = module.dim if isinstance(module, Linked) else _resolve_unit_dim(unit_dim, last_weighted[0], out)
         out = _units_at_1(out, dim)
         red = (0,) + tuple(range(2, out.dim()))
         nonzero = (out.abs() > atol).any(dim=red)
-        if k not in alive:
-            order.append(k)
-            alive[k] = nonzero
+        if i == len(called):
+            called.append(module)
+            alive[i] = nonzero
+        elif called[i] is not module or alive[i].shape != nonzero.shape:
+            raise RuntimeError("the model called different activation modules in different forward passes; "
+                               "dead_neurons needs the same layers in every pass")
         else:
-            alive[k] = alive[k] | nonzero
+            alive[i] = alive[i] | nonzero
 
-    handles = [m.register_forward_hook(hook) for m in acts]
+    handles = [model.register_forward_pre_hook(new_pass)] + [m.register_forward_hook(hook) for m in acts]
     try:
         with _last_weighted_layer(model) as last_weighted:
             for _ in _stream(model, data, batch_size):
@@ -379,16 +398,15 @@ def dead_neurons(model: nn.Module, data, batch_size: int = 1024, atol: float = 0
     finally:
         for h in handles:
             h.remove()
-    by_id = {id(m): m for m in acts}
-    rows = []
-    for i, k in enumerate(order):
-        members = by_id[k].num_members if isinstance(by_id[k], Linked) else 1
-        channel_alive = alive[k]
+    rows, seen = [], Counter()
+    for i, module in enumerate(called):
+        members = module.num_members if isinstance(module, Linked) else 1
+        channel_alive = alive[i]
         unit_alive = channel_alive.view(members, -1).any(0)
         rows.append(
             {
                 "layer": i + 1,
-                "name": names[k],
+                "name": _call_name(seen, names[id(module)]),
                 "neurons": int(unit_alive.numel()),
                 "dead": int((~unit_alive).sum()),
                 "dead_members": int((~channel_alive).sum()),

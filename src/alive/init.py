@@ -34,6 +34,9 @@ def init_(model: nn.Module, scheme: str = "glorot_uniform") -> nn.Module:
     for m in model.modules():
         if not isinstance(m, WEIGHTED_TYPES):
             continue
+        if isinstance(m.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{type(m).__name__} is a lazy module whose shape is not known yet: "
+                             "run one forward pass before initialising it")
         if scheme == "kaiming":
             m.reset_parameters()
             continue
@@ -56,6 +59,8 @@ def annealed_dropout_rate(epoch: int, p0: float = 0.9, epochs: int = 1000) -> fl
     """Annealed dropout rate ``max(0, p0 - p0 * epoch / epochs)`` (Rennie et al.; the authors use 0.9, 1000)."""
     if epochs <= 0:
         raise ValueError(f"annealing epochs must be positive, got {epochs}")
+    if epoch < 0:
+        raise ValueError(f"the epoch of annealed dropout counts from 0, got {epoch}")
     return max(0.0, p0 - p0 * epoch / epochs)
 
 
