@@ -152,39 +152,6 @@ def test_hand_written_extremes_equal_the_built_ins_to_second_order(ties, width, 
         assert torch.allclose(a, b), (ties, width, padding)
 
 
-@pytest.mark.parametrize("ties", ["split", "first"])
-@pytest.mark.parametrize("width", [1, 4])
-def test_dense_layers_in_one_node_equal_the_built_ins_to_second_order(ties, width, monkeypatch):
-    """One network's same-shaped dense layers take one fused node (stack, extremes, hinges);
-    it must give the built-ins' values and first and second derivatives, ties included."""
-    from alive import functional as AF
-
-    torch.manual_seed(7)
-    ws = [(torch.randint(-3, 4, (7, width)).double() / 3).requires_grad_(True) for _ in range(3)]  # ties everywhere
-    calls = []
-    fused = AF._DenseLayerSlacks.apply
-    monkeypatch.setattr(AF._DenseLayerSlacks, "apply", lambda *a: calls.append(1) or fused(*a))
-
-    def penalty():
-        g_u, g_p = stacked_separation_penalty([torch.tanh(w) for w in ws], "up", rho=0.6, margin=0.7,
-                                              aggregation="squared_sum", ties=ties)
-        return (g_u * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum() + g_p.sum()
-
-    def first_and_second():
-        gs = torch.autograd.grad(penalty(), ws, create_graph=True)
-        hs = torch.autograd.grad(sum((g * g).sum() for g in gs), ws)
-        return (penalty().detach(), *(g.detach() for g in gs), *hs)
-
-    got = first_and_second()
-    assert calls, "the fused node was not used"
-    calls.clear()
-    monkeypatch.setattr(AF, "_transforms_active", lambda: True)  # the built-in composite path
-    want = first_and_second()
-    assert not calls
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b), (ties, width)
-
-
 def test_dense_layers_with_every_hinge_inactive_get_zero_gradients():
     zs = [torch.tensor([[3.0, -2.0], [-4.0, 5.0]], requires_grad=True) for _ in range(3)]
     g_u, g_p = stacked_separation_penalty(zs, "up")

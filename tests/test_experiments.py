@@ -114,3 +114,50 @@ def test_each_zero_init_claim_quotes_its_own_sentence_of_the_paper():
     sentences = [s for _, s in paper.SEPARATION_CLAIMS["fig4"]]
     assert claims.paper.tolist()[:2] == sentences
     assert claims.verdict.tolist()[:2] == ["supported", "supported"]  # width 25 vs 2 at depth 60; 60 layers vs none
+
+
+def test_check_parameters_refuses_injected_unknown_names_wrong_profile_labels_and_missing_long():
+    from alive.config import ConfigError
+    from alive.cli import load_profile
+
+    import json
+    from pathlib import Path
+
+    cells = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "moons.ipynb").read_text())["cells"]
+    defaults = "".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"])
+
+    def namespace(injected: str, **values):
+        ns = {"In": ["", defaults, injected, "import alive.experiments as E"]}
+        exec(defaults, {}, ns)
+        ns.update(values)
+        return ns
+
+    E.check_parameters(namespace("# Parameters\nepochs = 3\n", epochs=3), "moons")  # a known name
+    with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        E.check_parameters(namespace("# Parameters\nepoch = 3\n", epoch=3), "moons")
+    E.check_parameters({"In": ["", defaults], "epoch": 3, "profile": "smoke"}, "moons")  # no papermill: nothing injected
+    with pytest.raises(ConfigError, match="profile='paper', but epochs=50 is not the value of profiles/paper/moons.yml"):
+        E.check_parameters(namespace('# Parameters\nprofile = "paper"\n', profile="paper"), "moons")
+    paper = load_profile("moons", "paper")
+    E.check_parameters(namespace("# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in paper.items()), **paper), "moons")
+    E.check_parameters(namespace('# Parameters\nprofile = "custom"\nepochs = 7\n', profile="custom", epochs=7), "moons")
+    with pytest.raises(ConfigError, match="no profile file"):
+        E.check_parameters(namespace('# Parameters\nlong = "nosuch"\n', long="nosuch"), "moons")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"seeds": [10, 10]}, "distinct"), ({"methods": []}, "at least one"), ({"depths": []}, "at least one"),
+    ({"threshold": 5.0}, r"\(0, 1\]"), ({"threshold": 0.0}, r"\(0, 1\]"),
+])
+def test_grid_parameters_are_checked_before_any_run(values, message):
+    from alive.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        E.params("moons", **values)
+
+
+def test_scaling_nets_are_checked():
+    from alive.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown nets"):
+        E.params("scaling", nets=["depth", "resnet"])

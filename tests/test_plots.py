@@ -40,3 +40,11 @@ def test_heatmaps_rejects_unknown_methods():
 def test_book_number_format_keeps_small_values_visible():
     assert plots._number(0.0) == "0.000" and plots._number(0.5123) == "0.512"
     assert plots._number(5e-5) == "5.00e-05" and plots._number(-2e-4) == "-2.00e-04"
+
+
+def test_linked_activation_figure_refuses_a_bad_range():
+    from alive.config import ConfigError
+
+    for kw, message in (({"points": -5}, "points"), ({"points": 1.5}, "points"), ({"z_min": 3.0, "z_max": -3.0}, "z_min < z_max")):
+        with pytest.raises(ConfigError, match=message):
+            plots.linked_activation_figure(**kw)

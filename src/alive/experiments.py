@@ -11,8 +11,10 @@ lists the runs without training (the CLI's ``sweep --experiment`` trains them).
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,6 +29,7 @@ from .results import Store, sweep, to_frame
 
 __all__ = [
     "EXPERIMENTS",
+    "check_parameters",
     "ExperimentResult",
     "params",
     "configs",
@@ -66,6 +69,18 @@ class Common:
             raise ConfigError(f"profile must be smoke, book, paper, long or custom, got {self.profile!r}")
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct (a repeated seed would count its runs twice), got {self.seeds}")
+        for name in ("activations", "methods", "widths", "depths", "units", "nets", "scalings"):
+            if isinstance(getattr(self, name, None), list) and not getattr(self, name):
+                raise ConfigError(f"{name} must list at least one value")
+        threshold = getattr(self, "threshold", None)
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"threshold is an accuracy in (0, 1], got {threshold}")
+        nets = getattr(self, "nets", None)
+        if nets is not None and set(nets) - {"depth", "params"}:
+            raise ConfigError(f"unknown nets {sorted(set(nets) - {'depth', 'params'})}; the scaling experiment "
+                              "trains the Table 2 net ('depth') and the Table 3 net ('params')")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs}")
         for name in ("activations", "methods", "reference_methods"):
@@ -558,7 +573,7 @@ def _resnet_result(p: ResNetParams, runs: pd.DataFrame):
             if f"{a} BN" in table6.index and f"{a} no BN" in table6.index:
                 d = table6.loc[f"{a} no BN", "ours accuracy"] - table6.loc[f"{a} BN", "ours accuracy"]
                 claims.append(_claim(f"{a} performs about the same with and without BN", "within 0.5 points (v2)",
-                                     f"no BN minus BN: {d:+.3f}", abs(d) < 0.02))
+                                     f"no BN minus BN: {d:+.3f} (same: within 0.02)", abs(d) < 0.02))
         if "LK-ReLU BN" in table6.index:
             r = table6.loc["LK-ReLU BN", "ours time ratio"]
             claims.append(_claim("dropping BN makes LK-ReLU about 2x faster", "2.09x (v2)", f"{r:.2f}x", r > 1.5 if r == r else None))
@@ -734,8 +749,9 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
 
     def relu_breakdown(layers: str, lo: int, hi: int):
         d = deepest("relu")
+        # a grid that stops before the breakdown cannot show it (n/a)
         rows.append(_claim(f"ReLU breaks down at {layers} layers (deepest net reaching {t:.0%})", say["relu"],
-                           f"deepest: {d}; {per_width('relu')}", None if d is None else lo <= d <= hi))
+                           f"deepest: {d}; {per_width('relu')}", None if d is None or deepest_depth <= hi else lo <= d <= hi))
 
     if figure == "fig1":
         if "relu" in methods:
@@ -752,9 +768,17 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
                                ", ".join(f"d{d}: {w if w is not None else '-'}" for d, w in need.items()) + f"; correlation {rho:.2f}",
                                None if len(need) < 3 or np.isnan(rho) else bool(rho >= 0.5)))
         if "sep-up" in methods:
-            d3 = deepest("sep-up", 3) if 3 in widths else None
-            rows.append(_claim(f"Sep-UP reaches {t:.0%} at width 3 up to 60 layers", say["sep-up"],
-                               f"deepest at width 3: {d3}; {per_width('sep-up')}", None if 3 not in widths else (d3 or 0) >= 60))
+            if 3 in widths:
+                # every depth up to 60 must reach it, not only the deepest
+                acc3 = grid[(grid.method == "sep-up") & (grid.width == 3)].groupby("depth").best_val_acc.median()
+                upto = acc3[acc3.index <= 60]
+                misses = [int(d) for d in upto.index if upto[d] < t]
+                ours = (f"width 3 below {t:.0%} at depths {misses}" if misses else f"width 3 at {t:.0%} at every depth up to 60") + \
+                    f" (deepest at width 3: {deepest('sep-up', 3)}); {per_width('sep-up')}"
+                verdict = None if deepest_depth < 60 else not misses
+            else:
+                ours, verdict = "width 3 not in the grid", None
+            rows.append(_claim(f"Sep-UP reaches {t:.0%} at width 3 at every depth up to 60 layers", say["sep-up"], ours, verdict))
             others = {m: deepest(m) or 0 for m in ("relu", "relu+bn") if m in methods}
             ds = deepest("sep-up") or 0
             rows.append(_claim("Sep-UP trains deeper than ReLU and ReLU + BN", "Sep-UP is superior to all its competitors",
@@ -830,7 +854,10 @@ def _grid_result(p: GridParams, runs: pd.DataFrame, figure: str):
     grid = _grid_frame(runs)
     table = grid.pivot_table(index=["method", "width"], columns="depth", values="best_val_acc", aggfunc="median")
     table = table.rename(index=METHOD_LABELS, level=0)
-    return table, _grid_claims(p, grid, figure), {"grid": grid}
+    claims = _grid_claims(p, grid, figure)
+    if figure == "fig1":  # the MOONS chapter also shows the appendix's Figure 5 (Sep-U, Sep-P)
+        claims = pd.concat([claims, _grid_claims(p, grid, "fig5")], ignore_index=True)
+    return table, claims, {"grid": grid}
 
 
 # --------------------------------------------------------------------------- registry
@@ -939,6 +966,53 @@ def stored_by_seed(name: str, seeds: Sequence[int], profile: str | None = None, 
         missing = next(s for s in seeds if stored(name, profile=profile, seeds=[s], **values) is None)
         raise MissingResult(f"not every run of {name!r} ({profile or 'given'} parameters) is stored for seed {missing}")
     return by_seed(res)
+
+
+def check_parameters(namespace: dict, notebook: str) -> None:
+    """Check a notebook's parameters before it runs anything (call it in the notebook's first
+    cell after its parameters): one clear error for
+
+    * a parameter papermill injected (``-p``, ``-f``) that the notebook's ``parameters`` cell
+      does not define (a misspelling would otherwise be ignored silently);
+    * ``profile`` naming a profile (``book``, ``paper``, ``long``) whose file
+      ``profiles/<profile>/<notebook>.yml`` holds other values than the notebook's: the label
+      would be wrong (pass the file with ``-f``, or call your own values ``profile="custom"``);
+    * ``long`` naming a profile file that does not exist.
+
+    ``namespace`` is the notebook's ``globals()``; the injected cell is found in IPython's input
+    history (papermill starts it with ``# Parameters``).
+    """
+    from .cli import load_profile
+
+    history = namespace.get("In") or []
+    for i in range(len(history) - 1, 0, -1):
+        if history[i].startswith("# Parameters\n"):
+            defaults, injected = _assigned_names(history[i - 1]), _assigned_names(history[i])
+            unknown = sorted(injected - defaults)
+            if unknown:
+                hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, defaults, 1)) else repr(u)
+                         for u in unknown]
+                raise ConfigError(f"unknown parameter(s) {', '.join(hints)} for notebook {notebook!r}; "
+                                  f"it takes {', '.join(sorted(defaults))}")
+            break
+    profile = namespace.get("profile")
+    if profile in ("book", "paper", "long"):
+        for key, value in load_profile(notebook, profile).items():
+            if key in namespace and namespace[key] != value:
+                raise ConfigError(
+                    f"profile={profile!r}, but {key}={namespace[key]!r} is not the value of profiles/{profile}/{notebook}.yml "
+                    f"({value!r}): pass the file (papermill -f profiles/{profile}/{notebook}.yml), or label your own values profile='custom'")
+    if namespace.get("long") is not None:
+        load_profile(notebook, namespace["long"])
+
+
+def _assigned_names(source: str) -> set[str]:
+    """The names a cell assigns at its top level."""
+    names: set[str] = set()
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
 
 
 def _lookup(name: str) -> _Experiment:

@@ -203,81 +203,43 @@ class _UnitPointExtremes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ties: str, padded: Tensor | None, hs: Tensor, ls: Tensor | None):
-        hi, lo, saved, meta = _unit_point_extremes(ties, padded, hs, ls)
-        ctx.save_for_backward(*saved)
-        ctx.meta = meta
-        return hi, lo
+        ctx.ties, ctx.units, ctx.joint = ties, hs.shape[2], ls is None
+        if ties == "first":
+            ls = hs if ls is None else ls
+            ph, pl = _without_padded_units(hs, ls, padded)
+            (hu, iu), (lu, ju), (hp, ip), (lp, jp) = hs.max(1), ls.min(1), ph.max(2), pl.min(2)
+            ctx.save_for_backward(iu, ju, ip, jp)
+            ctx.shapes = hs.shape, ls.shape
+        else:
+            xh = hs.transpose(1, 2).contiguous()  # (nets, units, points)
+            xl = xh if ls is None else ls.transpose(1, 2).contiguous()
+            ph, pl = _without_padded_units(xh, xl, None if padded is None else padded.transpose(1, 2))
+            hu, lu, hp, lp = xh.amax(2), xl.amin(2), ph.amax(1), pl.amin(1)
+            ctx.save_for_backward(xh, xl, ph, pl, hu, lu, hp, lp)
+        return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
 
     @staticmethod
     def backward(ctx, ghi: Tensor, glo: Tensor):
-        gh, gl = _unit_point_grads(ctx.meta, ctx.saved_tensors, ghi, glo)
-        return None, None, gh, gl
-
-
-def _unit_point_extremes(ties: str, padded: Tensor | None, hs: Tensor, ls: Tensor | None):
-    """The forward of :class:`_UnitPointExtremes`: ``(hi, lo, tensors to save, meta)``."""
-    meta = (ties, hs.shape[2], ls is None, hs.shape, hs.shape if ls is None else ls.shape)
-    if ties == "first":
-        ls = hs if ls is None else ls
-        ph, pl = _without_padded_units(hs, ls, padded)
-        (hu, iu), (lu, ju), (hp, ip), (lp, jp) = hs.max(1), ls.min(1), ph.max(2), pl.min(2)
-        saved = (iu, ju, ip, jp)
-    else:
-        xh = hs.transpose(1, 2).contiguous()  # (nets, units, points)
-        xl = xh if ls is None else ls.transpose(1, 2).contiguous()
-        ph, pl = _without_padded_units(xh, xl, None if padded is None else padded.transpose(1, 2))
-        hu, lu, hp, lp = xh.amax(2), xl.amin(2), ph.amax(1), pl.amin(1)
-        saved = (xh, xl, ph, pl, hu, lu, hp, lp)
-    return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1), saved, meta
-
-
-def _unit_point_grads(meta, saved, ghi: Tensor, glo: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The backward of :class:`_UnitPointExtremes`: the gradients of ``hs`` and ``ls``
-    (``None`` for ``ls`` when it was ``hs``)."""
-    ties, w, joint, h_shape, l_shape = meta
-    ghu, ghp, glu, glp = ghi[:, :w], ghi[:, w:], glo[:, :w], glo[:, w:]
-    if ties == "first":
-        iu, ju, ip, jp = saved
-        gh = ghi.new_zeros(h_shape)
-        gl = gh if joint else ghi.new_zeros(l_shape)
-        gh.scatter_add_(1, iu.unsqueeze(1), ghu.unsqueeze(1))
-        gl.scatter_add_(1, ju.unsqueeze(1), glu.unsqueeze(1))
-        gh.scatter_add_(2, ip.unsqueeze(2), ghp.unsqueeze(2))
-        gl.scatter_add_(2, jp.unsqueeze(2), glp.unsqueeze(2))
-        return gh, None if joint else gl
-    xh, xl, ph, pl, hu, lu, hp, lp = saved
-    gh = _add_tied(_add_tied(None, xh, hu, ghu, 2), ph, hp, ghp, 1)
-    gl = _add_tied(_add_tied(gh if joint else None, xl, lu, glu, 2), pl, lp, glp, 1)
-    if joint:
-        g = gl if gl is not None else torch.zeros_like(xh)
-        return g.transpose(1, 2).contiguous(), None
-    gh = torch.zeros_like(xh) if gh is None else gh
-    gl = torch.zeros_like(xl) if gl is None else gl
-    return gh.transpose(1, 2).contiguous(), gl.transpose(1, 2).contiguous()
-
-
-class _DenseLayerSlacks(torch.autograd.Function):
-    """The combined slacks ``ρ·relu(m − hi) + (1 − ρ)·relu(m + lo)`` of several same-shaped
-    dense layers of one network (``(points, units)`` each), ``(layers, units + points)``, as
-    one autograd node: stacking, :class:`_UnitPointExtremes` and :class:`_Hinges` in one.
-
-    Why: a thin deep network's penalty is a few small tensors, so each autograd node (its
-    Python call, the slices and sums between nodes) costs more than its arithmetic; fusing the
-    three saved ~6 % of a 50-layer width-4 MLP's training step (``bench/overhead.py``).
-    """
-
-    @staticmethod
-    def forward(ctx, margin: float, rho: float, ties: str, *zs: Tensor) -> Tensor:
-        hi, lo, saved, meta = _unit_point_extremes(ties, None, torch.stack(zs), None)
-        ctx.save_for_backward(hi, lo, *saved)
-        ctx.meta, ctx.margin, ctx.rho = meta, margin, rho
-        return _hinges(hi, lo, margin, rho)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        hi, lo, *saved = ctx.saved_tensors
-        gh, _ = _unit_point_grads(ctx.meta, saved, *_hinge_grads(g, hi, lo, ctx.margin, ctx.rho))
-        return (None, None, None, *gh.unbind(0))
+        w = ctx.units
+        ghu, ghp, glu, glp = ghi[:, :w], ghi[:, w:], glo[:, :w], glo[:, w:]
+        if ctx.ties == "first":
+            iu, ju, ip, jp = ctx.saved_tensors
+            gh = ghi.new_zeros(ctx.shapes[0])
+            gl = gh if ctx.joint else ghi.new_zeros(ctx.shapes[1])
+            gh.scatter_add_(1, iu.unsqueeze(1), ghu.unsqueeze(1))
+            gl.scatter_add_(1, ju.unsqueeze(1), glu.unsqueeze(1))
+            gh.scatter_add_(2, ip.unsqueeze(2), ghp.unsqueeze(2))
+            gl.scatter_add_(2, jp.unsqueeze(2), glp.unsqueeze(2))
+            return None, None, gh, None if ctx.joint else gl
+        xh, xl, ph, pl, hu, lu, hp, lp = ctx.saved_tensors
+        gh = _add_tied(_add_tied(None, xh, hu, ghu, 2), ph, hp, ghp, 1)
+        gl = _add_tied(_add_tied(gh if ctx.joint else None, xl, lu, glu, 2), pl, lp, glp, 1)
+        if ctx.joint:
+            g = gl if gl is not None else torch.zeros_like(xh)
+            return None, None, g.transpose(1, 2).contiguous(), None
+        gh = torch.zeros_like(xh) if gh is None else gh
+        gl = torch.zeros_like(xl) if gl is None else gl
+        return None, None, gh.transpose(1, 2).contiguous(), gl.transpose(1, 2).contiguous()
 
 
 def _add_tied(acc: Tensor | None, x: Tensor, ext: Tensor, g: Tensor, dim: int) -> Tensor | None:
@@ -450,31 +412,6 @@ def _joint_extremes(z, conv_reduction: str, unit_mask: Tensor | None, ties: str,
     """``(hi, lo, units)`` with ``hi = [hi_u | hi_p]`` and ``lo = [lo_u | lo_p]`` of shape
     ``(nets, units + points)`` (see :class:`_UnitPointExtremes`, and :class:`_PositionExtremes`
     for ``sparse_grad``); ``None`` for ``"position"`` reduction."""
-    inputs = _joint_inputs(z, conv_reduction, unit_mask, ties)
-    if inputs is None:
-        return None
-    layers, zs, padded, units = inputs
-    hi, lo = _extremes(ties, padded, layers, sparse_grad, zs)
-    return hi, lo, units
-
-
-def _joint_slacks(z, conv_reduction: str, unit_mask: Tensor | None, ties: str, sparse_grad: bool,
-                  margin: float, rho: float) -> tuple[Tensor, int] | None:
-    """``(s, units)``: the combined slacks of the extremes of :func:`_joint_extremes`,
-    ``s = [s_u | s_p]``; same-shaped dense layers of one network in one node."""
-    inputs = _joint_inputs(z, conv_reduction, unit_mask, ties)
-    if inputs is None:
-        return None
-    layers, zs, padded, units = inputs
-    if layers and zs[0].dim() == 2 and padded is None and not _transforms_active():
-        return _DenseLayerSlacks.apply(margin, rho, ties, *zs), units
-    hi, lo = _extremes(ties, padded, layers, sparse_grad, zs)
-    return _combined_slacks(hi, lo, margin, rho), units
-
-
-def _joint_inputs(z, conv_reduction: str, unit_mask: Tensor | None, ties: str):
-    """Checked inputs of the joint extremes: ``(layers, zs, padded, units)``, ``None`` for
-    ``"position"`` reduction (see :func:`separation_extremes`)."""
     if ties not in TIES:
         raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
     layers = not isinstance(z, Tensor)
@@ -491,7 +428,8 @@ def _joint_inputs(z, conv_reduction: str, unit_mask: Tensor | None, ties: str):
     if zs[0].dim() > (2 if layers else 3) and conv_reduction == "position":
         return None
     padded = None if unit_mask is None else ~unit_mask.bool().unsqueeze(1)
-    return layers, zs, padded, shape[2]
+    hi, lo = _extremes(ties, padded, layers, sparse_grad, zs)
+    return hi, lo, zs[0].shape[1 if layers else 2]
 
 
 def _extremes(ties: str, padded: Tensor | None, layers: bool, sparse: bool, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -604,24 +542,17 @@ class _Hinges(torch.autograd.Function):
     def forward(ctx, hi: Tensor, lo: Tensor, margin: float, rho: float) -> Tensor:
         ctx.save_for_backward(hi, lo)
         ctx.margin, ctx.rho = margin, rho
-        return _hinges(hi, lo, margin, rho)
+        s = torch.rsub(hi, margin).clamp_min_(0).mul_(rho)
+        return s.add_(torch.add(lo, margin).clamp_min_(0), alpha=1.0 - rho)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         hi, lo = ctx.saved_tensors
-        return (*_hinge_grads(g, hi, lo, ctx.margin, ctx.rho), None, None)
-
-
-def _hinges(hi: Tensor, lo: Tensor, margin: float, rho: float) -> Tensor:
-    s = torch.rsub(hi, margin).clamp_min_(0).mul_(rho)
-    return s.add_(torch.add(lo, margin).clamp_min_(0), alpha=1.0 - rho)
-
-
-def _hinge_grads(g: Tensor, hi: Tensor, lo: Tensor, margin: float, rho: float) -> tuple[Tensor, Tensor]:
-    # relu's derivative as autograd takes it: 1 unless the hinge's input is <= 0 (so a NaN passes)
-    g_hi = (g * -rho).masked_fill_(hi.detach() >= margin, 0)
-    g_lo = (g * (1.0 - rho)).masked_fill_(lo.detach() <= -margin, 0)
-    return g_hi, g_lo
+        m, rho = ctx.margin, ctx.rho
+        # relu's derivative as autograd takes it: 1 unless the hinge's input is <= 0 (so a NaN passes)
+        g_hi = (g * -rho).masked_fill_(hi.detach() >= m, 0)
+        g_lo = (g * (1.0 - rho)).masked_fill_(lo.detach() <= -m, 0)
+        return g_hi, g_lo, None, None
 
 
 def _combined_slacks(hi: Tensor, lo: Tensor, margin: float, rho: float) -> Tensor:
@@ -685,9 +616,10 @@ def stacked_separation_penalty(
     _check_options(aggregation, conv_reduction, kind)
     joint = None
     if reduce_extremes is None and gather_points is None:
-        joint = _joint_slacks(z, conv_reduction, unit_mask, ties, sparse_grad, margin, rho)
+        joint = _joint_extremes(z, conv_reduction, unit_mask, ties, sparse_grad)
     if joint is not None:  # every slack of the layer from one (nets, units + points) tensor
-        s, units = joint
+        hi, lo, units = joint
+        s = _combined_slacks(hi, lo, margin, rho)
         s_u = s[:, :units] if "u" in kind else None
         s_p = s[:, units:] if "p" in kind else None
     else:

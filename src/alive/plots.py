@@ -68,6 +68,12 @@ def _curves(act, z: torch.Tensor):
 def linked_activation_figure(z_min: float = -4.0, z_max: float = 4.0, points: int = 801, extra: Sequence[str] = ()):
     """Figure 1 of the linked-neurons paper with derivatives: (a) min-max linked ReLU,
     (b) mirror-linked SELU, plus any ``extra`` linked names; top row values, bottom row slopes."""
+    from .config import ConfigError
+
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ConfigError(f"points must be an int of at least 2, got {points!r}")
+    if not z_min < z_max:
+        raise ConfigError(f"the plotted range needs z_min < z_max, got z_min={z_min!r}, z_max={z_max!r}")
     z = torch.linspace(z_min, z_max, points)
     panels = [("(a) ReLU, min-max linkage", Linked("relu", "minmax", dim=0)), ("(b) SELU, mirror linkage", Linked("selu", "mirror", dim=0))]
     panels += [(f"{display_name(n)}, mirror linkage", make_activation(n, dim=0)) for n in extra]

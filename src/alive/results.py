@@ -138,10 +138,12 @@ class Store:
 
 def project_folder(name: str) -> Path:
     """``name`` (``results``, ``profiles``) of the enclosing checkout (a folder with
-    ``pyproject.toml``), else ``./name``: so a notebook run from ``notebooks/`` or ``book/`` finds
-    the project's stored results and profiles."""
+    ``pyproject.toml``), else of the checkout the package is installed from (editable), else
+    ``./name``: so a notebook run from ``notebooks/``, ``book/`` or elsewhere finds the
+    project's stored results and profiles."""
     here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
+    checkout = Path(__file__).resolve().parents[2]  # src/alive/results.py in an editable install
+    for folder in (here, *here.parents, checkout):
         if (folder / "pyproject.toml").exists() and (folder / name).is_dir():
             return folder / name
     return here / name
