@@ -61,7 +61,13 @@ def test_smoke_runs_end_to_end_with_tables_and_claims():
     assert set(res.extra["grid"].method) == {"relu", "relu+bn", "sep-u", "sep-p", "sep-up"}
     assert list(res.claims.columns) == ["claim", "paper", "ours", "verdict"]
     assert set(res.claims.verdict) <= {"supported", "not supported", "n/a"}
-    assert (res.claims.verdict != "n/a").sum() >= 4  # every claim of Figure 1 is decidable on this grid
+    verdicts = res.claims.set_index("claim").verdict
+    assert len(verdicts) == 8  # Figure 1's five claims and Figure 5's three
+    assert verdicts["no network of width 1 reaches 95%"] != "n/a"
+    assert verdicts["Sep-UP trains deeper than ReLU and ReLU + BN"] != "n/a"
+    # a 3-layer grid cannot test 60 (Sep-UP), 120 (Sep-U) or "worse beyond 40" (Sep-P)
+    assert verdicts["Sep-UP reaches 95% at width 3 at every depth up to 60 layers"] == "n/a"
+    assert verdicts["Sep-P works up to 40 layers and is much worse deeper"] == "n/a"
     assert "profile: smoke" in res.describe()
     assert isinstance(res.table, pd.DataFrame) and res.table.shape[1] == 2
     cmp = E.compare_methods({"MOONS": res})
@@ -161,3 +167,45 @@ def test_scaling_nets_are_checked():
 
     with pytest.raises(ConfigError, match="unknown nets"):
         E.params("scaling", nets=["depth", "resnet"])
+
+
+def test_check_parameters_reads_the_first_parameters_cell_and_the_last_injected_one():
+    from alive.config import ConfigError
+
+    params = 'profile = "smoke"\nlo, hi = -1.0, 1.0\nepochs: int = 5\n'
+    ns = {"profile": "smoke", "lo": -1.0, "hi": 1.0, "epochs": 5}
+    # papermill ran it; then the user edited the injected cell and re-ran it with the next one
+    history = ["", params, "# Parameters\nepochs = 2\n", "import alive.experiments as E", "# Parameters\nhi = 2.0\n"]
+    E.check_parameters({**ns, "In": history}, "moons")
+    with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        E.check_parameters({**ns, "In": history + ["# Parameters\nepoch = 2\n"]}, "moons")
+    E.check_parameters({**ns, "In": ["", "this is not python (", "# Parameters\nepochs = 2\n"]}, "moons")
+
+
+def _fig_claims(figure, depths, reach):
+    """Claims of a one-seed grid where every method reaches accuracy 1.0 up to depth ``reach[m]``."""
+    rows = [dict(method=m, depth=d, width=w, seed=10, best_val_acc=1.0 if d <= reach.get(m, 0) else 0.5,
+                 final_train_acc=1.0, status="ok", dead_point_fraction=0.0, dead_unit_fraction=0.0)
+            for m in reach for d in depths for w in (1, 3)]
+    return E._grid_claims(E.params("moons", threshold=0.95), pd.DataFrame(rows), figure).set_index("claim").verdict
+
+
+def test_breakdown_and_depth_claims_are_na_only_where_the_grid_is_too_shallow():
+    relu = "ReLU breaks down at 20-30 layers (deepest net reaching 95%)"
+    assert _fig_claims("fig1", [1, 10, 20, 30, 40], {"relu": 20})[relu] == "supported"  # fails at 30 and 40: visible
+    assert _fig_claims("fig1", [1, 10], {"relu": 10})[relu] == "n/a"  # still fine at the deepest depth
+    assert _fig_claims("fig1", [1, 10, 20, 30, 40, 50], {"relu": 50})[relu] == "not supported"
+    sep_u = _fig_claims("fig5", [1, 10], {"sep-u": 10})
+    assert sep_u["Sep-U trains 10 layers of a single unit (above chance)"] == "n/a"
+    deep = _fig_claims("fig5", [1, 60, 120], {"sep-u": 120})
+    assert deep["Sep-U trains 120 layers of a single unit (above chance)"] == "supported"
+
+
+def test_results_stay_out_of_the_checkout_when_run_elsewhere(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from alive.results import project_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert project_folder("results") == tmp_path.resolve() / "results"
+    assert project_folder("profiles") == Path(__file__).resolve().parents[1] / "profiles"

@@ -751,7 +751,7 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
         d = deepest("relu")
         # a grid that stops before the breakdown cannot show it (n/a)
         rows.append(_claim(f"ReLU breaks down at {layers} layers (deepest net reaching {t:.0%})", say["relu"],
-                           f"deepest: {d}; {per_width('relu')}", None if d is None or deepest_depth <= hi else lo <= d <= hi))
+                           f"deepest: {d}; {per_width('relu')}", None if d is None or d == deepest_depth <= hi else lo <= d <= hi))
 
     if figure == "fig1":
         if "relu" in methods:
@@ -792,8 +792,10 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
         if "sep-u" in methods and 1 in widths:
             acc1 = grid[(grid.method == "sep-u") & (grid.width == 1)].groupby("depth").best_val_acc.median()
             deep = acc1.get(deepest_depth, np.nan)
+            # the paper's 120 layers: a shallower grid cannot test it
             rows.append(_claim(f"Sep-U trains {deepest_depth} layers of a single unit (above chance)", say["sep-u"],
-                               f"width 1, depth {deepest_depth}: {deep:.3f}", bool(deep > 0.6)))
+                               f"width 1, depth {deepest_depth}: {deep:.3f}",
+                               None if deepest_depth < 120 or np.isnan(deep) else bool(deep > 0.6)))
             if "sep-up" in methods:
                 a, b = grid[grid.method == "sep-u"].best_val_acc.mean(), grid[grid.method == "sep-up"].best_val_acc.mean()
                 rows.append(_claim("Sep-U is less accurate than Sep-UP", say["sep-u"], f"mean best accuracy Sep-U {a:.3f}, Sep-UP {b:.3f}", a < b))
@@ -984,17 +986,18 @@ def check_parameters(namespace: dict, notebook: str) -> None:
     """
     from .cli import load_profile
 
-    history = namespace.get("In") or []
-    for i in range(len(history) - 1, 0, -1):
-        if history[i].startswith("# Parameters\n"):
-            defaults, injected = _assigned_names(history[i - 1]), _assigned_names(history[i])
-            unknown = sorted(injected - defaults)
-            if unknown:
-                hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, defaults, 1)) else repr(u)
-                         for u in unknown]
-                raise ConfigError(f"unknown parameter(s) {', '.join(hints)} for notebook {notebook!r}; "
-                                  f"it takes {', '.join(sorted(defaults))}")
-            break
+    history = list(namespace.get("In") or [])
+    injected_at = [i for i, cell in enumerate(history) if i > 0 and cell.startswith("# Parameters\n")]
+    if injected_at:
+        # the parameters cell ran just before the first injected one; the last injected one counts
+        # (a user may edit and re-run it on its own)
+        defaults = _assigned_names(history[injected_at[0] - 1])
+        unknown = sorted(_assigned_names(history[injected_at[-1]]) - defaults)
+        if unknown and defaults:
+            hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, defaults, 1)) else repr(u)
+                     for u in unknown]
+            raise ConfigError(f"unknown parameter(s) {', '.join(hints)} for notebook {notebook!r}; "
+                              f"it takes {', '.join(sorted(defaults))}")
     profile = namespace.get("profile")
     if profile in ("book", "paper", "long"):
         for key, value in load_profile(notebook, profile).items():
@@ -1009,9 +1012,14 @@ def check_parameters(namespace: dict, notebook: str) -> None:
 def _assigned_names(source: str) -> set[str]:
     """The names a cell assigns at its top level."""
     names: set[str] = set()
-    for node in ast.parse(source).body:
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:  # (IPython keeps a cell that failed to parse in its history too)
+        return names
+    for node in body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        names.update(t.id for t in targets if isinstance(t, ast.Name))
+        for t in targets:
+            names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))  # a, b = ... too
     return names
 
 

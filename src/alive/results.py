@@ -138,12 +138,14 @@ class Store:
 
 def project_folder(name: str) -> Path:
     """``name`` (``results``, ``profiles``) of the enclosing checkout (a folder with
-    ``pyproject.toml``), else of the checkout the package is installed from (editable), else
-    ``./name``: so a notebook run from ``notebooks/``, ``book/`` or elsewhere finds the
-    project's stored results and profiles."""
+    ``pyproject.toml``), else ``./name``: so a notebook run from ``notebooks/`` or ``book/`` finds
+    the project's stored results and profiles. ``profiles`` (read only) are also found in the
+    checkout the package is installed from (editable), from any folder."""
     here = Path.cwd().resolve()
-    checkout = Path(__file__).resolve().parents[2]  # src/alive/results.py in an editable install
-    for folder in (here, *here.parents, checkout):
+    folders = [here, *here.parents]
+    if name == "profiles":  # read only: never send results written elsewhere into the checkout
+        folders.append(Path(__file__).resolve().parents[2])  # src/alive/results.py in an editable install
+    for folder in folders:
         if (folder / "pyproject.toml").exists() and (folder / name).is_dir():
             return folder / name
     return here / name
