@@ -268,7 +268,7 @@ class SeparationConstraint:
                 f"the output of a constrained layer (call {i} of the forward pass) "
                 "was modified in place after it was captured (e.g. by nn.ReLU(inplace=True)), so the "
                 "penalty would see post-activation values; use out-of-place activations after constrained layers")
-        if self._output_at is not None and self._output_at < len(self._raw) and not self._warned:
+        if not self._warned and self._output_at is not None and self._output_at < len(self._raw):
             self._warned = True
             warnings.warn(
                 f"{type(self._output_layer).__name__} layer {self._output_layer}, left unconstrained as the output "

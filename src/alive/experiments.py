@@ -74,13 +74,6 @@ class Common:
         for name in ("activations", "methods", "widths", "depths", "units", "nets", "scalings"):
             if isinstance(getattr(self, name, None), list) and not getattr(self, name):
                 raise ConfigError(f"{name} must list at least one value")
-        threshold = getattr(self, "threshold", None)
-        if threshold is not None and not 0.0 < threshold <= 1.0:
-            raise ConfigError(f"threshold is an accuracy in (0, 1], got {threshold}")
-        nets = getattr(self, "nets", None)
-        if nets is not None and set(nets) - {"depth", "params"}:
-            raise ConfigError(f"unknown nets {sorted(set(nets) - {'depth', 'params'})}; the scaling experiment "
-                              "trains the Table 2 net ('depth') and the Table 3 net ('params')")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs}")
         for name in ("activations", "methods", "reference_methods"):
@@ -157,6 +150,13 @@ class ScalingParams(Common):
     activations: list[str] = field(default_factory=lambda: ["relu", "lk-relu", "selu", "lk-selu"])
     scalings: list[str] = field(default_factory=lambda: ["raw", "unit", "standardize"])
 
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = sorted(set(self.nets) - set(_SCALING_NETS))
+        if unknown:
+            raise ConfigError(f"unknown nets {unknown}; the scaling experiment trains the Table 2 net ('depth') "
+                              "and the Table 3 net ('params')")
+
 
 @dataclass
 class GridParams(Common):
@@ -177,6 +177,11 @@ class GridParams(Common):
     n_test: int | None = None
     threshold: float = 0.95
     reference_methods: list[str] = field(default_factory=list)  # trained as in the Figure 1-3 experiments (shared runs)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"threshold is an accuracy in (0, 1], got {self.threshold}")
 
 
 # --------------------------------------------------------------------------- result
@@ -584,17 +589,20 @@ def _resnet_result(p: ResNetParams, runs: pd.DataFrame):
 
 
 # --------------------------------------------------------------------------- standardisation
+# the nets the scaling experiment trains: the Table 2 net (at the parameters' depth), the Table 3 net
+_SCALING_NETS: dict[str, Callable[[ScalingParams], dict]] = {
+    "depth": lambda p: dict(model="depth", depth=p.depth, width=4, optimizer="adam", lr=1e-3, decay=1e-6),
+    "params": lambda p: dict(model="params", optimizer="rmsprop", lr=1e-4, decay=1e-6),
+}
+
+
 def _scaling_configs(p: ScalingParams) -> list[RunConfig]:
     out = []
     for net in p.nets:
         for a in p.activations:
             for sc in p.scalings:
                 for s in p.seeds:
-                    if net == "depth":
-                        kw = dict(model="depth", depth=p.depth, width=4, optimizer="adam", lr=1e-3, decay=1e-6)
-                    else:
-                        kw = dict(model="params", optimizer="rmsprop", lr=1e-4, decay=1e-6)
-                    out.append(_base_config(p, experiment="scaling", activation=a, scaling=sc, seed=s, **kw))
+                    out.append(_base_config(p, experiment="scaling", activation=a, scaling=sc, seed=s, **_SCALING_NETS[net](p)))
     return out
 
 
@@ -725,9 +733,10 @@ def _breakdown(grid: pd.DataFrame, method: str, threshold: float) -> str:
     return " ".join(parts)
 
 
-def _by_depth(grid: pd.DataFrame, method: str) -> pd.Series:
-    """Median best accuracy per depth (over widths and seeds)."""
-    return grid[grid.method == method].groupby("depth").best_val_acc.median()
+def _by_depth(grid: pd.DataFrame, method: str, width: int | None = None) -> pd.Series:
+    """Median best accuracy per depth (over widths, or at ``width``, and seeds)."""
+    g = grid[grid.method == method]
+    return (g if width is None else g[g.width == width]).groupby("depth").best_val_acc.median()
 
 
 def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame:
@@ -770,7 +779,7 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
         if "sep-up" in methods:
             if 3 in widths:
                 # every depth up to 60 must reach it, not only the deepest
-                acc3 = grid[(grid.method == "sep-up") & (grid.width == 3)].groupby("depth").best_val_acc.median()
+                acc3 = _by_depth(grid, "sep-up", 3)
                 upto = acc3[acc3.index <= 60]
                 misses = [int(d) for d in upto.index if upto[d] < t]
                 ours = (f"width 3 below {t:.0%} at depths {misses}" if misses else f"width 3 at {t:.0%} at every depth up to 60") + \
@@ -790,7 +799,7 @@ def _grid_claims(p: GridParams, grid: pd.DataFrame, figure: str) -> pd.DataFrame
             rows.append(_claim(f"no network of width 1 reaches {t:.0%}", say["all"], f"{n_ok} width-1 cells reach it", n_ok == 0))
     if figure == "fig5":
         if "sep-u" in methods and 1 in widths:
-            acc1 = grid[(grid.method == "sep-u") & (grid.width == 1)].groupby("depth").best_val_acc.median()
+            acc1 = _by_depth(grid, "sep-u", 1)
             deep = acc1.get(deepest_depth, np.nan)
             # the paper's 120 layers: a shallower grid cannot test it
             rows.append(_claim(f"Sep-U trains {deepest_depth} layers of a single unit (above chance)", say["sep-u"],

@@ -13,6 +13,7 @@ import seaborn as sns
 import torch
 
 from .activations import Linked, display_name, make_activation
+from .config import ConfigError
 
 __all__ = [
     "setup",
@@ -68,8 +69,6 @@ def _curves(act, z: torch.Tensor):
 def linked_activation_figure(z_min: float = -4.0, z_max: float = 4.0, points: int = 801, extra: Sequence[str] = ()):
     """Figure 1 of the linked-neurons paper with derivatives: (a) min-max linked ReLU,
     (b) mirror-linked SELU, plus any ``extra`` linked names; top row values, bottom row slopes."""
-    from .config import ConfigError
-
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ConfigError(f"points must be an int of at least 2, got {points!r}")
     if not z_min < z_max:
