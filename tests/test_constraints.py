@@ -263,6 +263,26 @@ def test_linear_layers_on_sequences_see_every_row_as_a_point():
     torch.testing.assert_close(on_tokens, flat)
 
 
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_an_unbatched_conv_input_is_one_point(conv):
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(2, 3, 3, padding=1), nn.ReLU(), conv(3, 3, 3, padding=1), nn.ReLU(), nn.Flatten(0), nn.LazyLinear(2))
+    x = torch.randn((2, 5) if conv is nn.Conv1d else (2, 5, 4))
+    net(x)
+    with SeparationConstraint(net, kind="up", weight=1.0) as sep:
+        net(x)
+        assert sep.preactivations[0].shape[0] == 3  # (channels, *positions), as the layer gave it
+        single = sep.penalty()
+        (g_single,) = torch.autograd.grad(single, net[0].weight)
+        sep.clear()  # the body is called without the model: no new pass starts by itself
+        net[:4](x.unsqueeze(0))  # the same point as a batch of one
+        batched = sep.penalty()
+        (g_batched,) = torch.autograd.grad(batched, net[0].weight)
+    assert single > 0
+    torch.testing.assert_close(single, batched)
+    torch.testing.assert_close(g_single, g_batched)
+
+
 def _dead_net(act):
     unit = nn.Linear(2, 1)
     with torch.no_grad():
@@ -501,7 +521,7 @@ def test_conv_models_take_the_sparse_penalty_gradient_and_match_the_dense_path(f
         sep = SeparationConstraint(net, kind="up", weight=0.5, ties=ties)
         loss = nn.functional.cross_entropy(net(x), y)
         if not sparse:
-            sep._captured[:] = sep._raw  # the dense path, as accelerators take it
+            sep._captured[:], sep._densified[:] = sep._raw, [False] * len(sep._raw)  # the dense path, as accelerators take it
         (loss + sep.penalty()).backward()
         grads.append([p.grad for p in net.parameters()])
         sep.remove()

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from .functional import TIES, _check_options, stacked_separation_penalty
 
@@ -133,7 +134,8 @@ class SeparationConstraint:
 
     The hooks capture the *outputs* of the constrained layers, i.e. the pre-activation shared
     by all members of a linked activation. A ``Linear`` layer applied to ``(N, *, F)`` inputs
-    has ``F`` units and every one of its ``N·*`` input rows is a point. By default every ``Linear`` and ``Conv`` layer
+    has ``F`` units and every one of its ``N·*`` input rows is a point; a conv layer's
+    unbatched input ``(C, *spatial)`` is one point. By default every ``Linear`` and ``Conv`` layer
     except the output one (the last one registered in the model; a warning says when it runs
     before constrained layers) is constrained; pass ``layers=`` to choose. Those outputs must not be
     modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
@@ -202,6 +204,7 @@ class SeparationConstraint:
         self._raw: list[Tensor] = []  # the layers' outputs
         self._captured: list[Tensor] = []  # what the penalty reads: the output, or its densifying identity
         self._versions: list[int | None] = []
+        self._densified: list[bool] = []  # captured through the identity that takes a sparse gradient
         self._output_at: int | None = None  # captures made before the presumed output layer last ran
         self._warned = False
         self._handles = [model.register_forward_pre_hook(self._reset)]
@@ -233,13 +236,18 @@ class SeparationConstraint:
             and not compiling
         )
         self._raw.append(output)
-        if isinstance(module, nn.Linear) and output.dim() > 2:
+        if isinstance(module, _ConvNd) and output.dim() == len(module.kernel_size) + 1:
+            # an unbatched input (C, *spatial) is one point, as the layer itself treats it
+            output = output.unsqueeze(0)
+            densify = False
+        elif isinstance(module, nn.Linear) and output.dim() > 2:
             # a Linear layer maps the last dimension: every leading index (a token, a position) is a point
             output = output.reshape(-1, output.shape[-1])
             densify = False
         if densify:
             output = _Densify.apply(output)
         self._captured.append(output)
+        self._densified.append(densify)
         # no in-place check where there is no counter to read: inference tensors have none, and
         # a compiled graph writes its outputs after its (traced) hooks have run
         self._versions.append(None if compiling or output.is_inference() else output._version)
@@ -279,7 +287,7 @@ class SeparationConstraint:
         groups: dict[tuple, list[int]] = {}
         for i, z in enumerate(captured):
             groups.setdefault((z.shape, z.dtype, z.device), []).append(i)
-        densified = [c is not r for c, r in zip(captured, self._raw)]
+        densified = self._densified
         out = []
         for idx in groups.values():
             g_u, g_p = stacked_separation_penalty(
@@ -319,6 +327,7 @@ class SeparationConstraint:
         self._raw.clear()
         self._captured.clear()
         self._versions.clear()
+        self._densified.clear()
         self._output_at = None
 
     def remove(self) -> None:
@@ -332,7 +341,8 @@ class SeparationConstraint:
         # deepcopy / pickle of a model with the constraint attached carry its hooks, hence the
         # constraint: not the last pass's captured tensors (non-leaf tensors cannot be copied)
         state = self.__dict__.copy()
-        state["_raw"], state["_captured"], state["_versions"], state["_output_at"] = [], [], [], None
+        state["_raw"], state["_captured"], state["_versions"], state["_densified"] = [], [], [], []
+        state["_output_at"] = None
         return state
 
     def __enter__(self) -> "SeparationConstraint":
