@@ -19,7 +19,8 @@ optimiser, epochs, activation, BatchNorm or not) lives in one stack of tensors:
   the stack); the loss is the sum of the networks' losses, so each gets its own gradient;
 * per-operation cost is what a CPU pays for hundreds of small networks, so consecutive layers
   run by the same networks share one separation-penalty pass, dense BatchNorm is one fused
-  kernel over (net, unit) channels, and small conv stacks run channels-last.
+  kernel over (net, unit) channels (such stacks are held units-major, ``(nets, units,
+  points)``, which that kernel reads without a copy), and small conv stacks run channels-last.
 
 The result of each network is the same record :func:`alive.train.fit` would produce, up to
 floating-point summation order (``tests/test_grid.py`` checks cells against single runs).
