@@ -7,8 +7,10 @@ other. Then the whole paper grid (widths 1-5, 10-25; depths 1-120; the five meth
 for a few epochs with the engine and extrapolated to the paper's 5000 epochs.
 
 Ends with ``grid_speedup: <ratio>`` (target >= 10), ``paper_moons_grid_minutes: <m>``
-(target < 20 on a 2-core CPU) and ``paper_moons_grid_minutes_no_penalty: <m>``, the same grid
-with every separation penalty switched off (a floor: the cost of the networks themselves).
+(target < 20 on a 2-core CPU), ``paper_moons_grid_minutes_no_penalty: <m>``, the same grid
+with every separation penalty switched off (a floor: the cost of the networks themselves), and
+``paper_moons_grid_minutes_workers: <m>``, the grid trained by as many worker processes as the
+CPU has threads (``python -m alive sweep --workers``), each group largest first.
 
 Usage: python bench/grid.py [--device cuda] [--quick]
 """
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import report, sync  # noqa: E402
 
 from alive.config import RunConfig  # noqa: E402
-from alive.grid import group_configs, train_group  # noqa: E402
+from alive.grid import group_configs, train_group, train_groups  # noqa: E402
 from alive.train import fit, keep_freed_memory  # noqa: E402
 
 METHODS = {"relu": {}, "relu+bn": {"batchnorm": True}, "sep-u": {"constraint": "u", "weight": 1e-4},
@@ -75,6 +77,11 @@ def main():
     floor = grid_minutes(plain, dev)
     print(f"the same grid without penalties: {floor * 60 / 5:.0f} ms per epoch -> {floor:.1f} min")
     ratios["paper_moons_grid_minutes_no_penalty"] = floor
+    workers = torch.get_num_threads()
+    if dev == "cpu" and workers > 1:
+        parallel = parallel_minutes(paper, dev, workers, 2 if args.quick else 10)
+        print(f"the same grid with penalties, {workers} worker processes of 1 thread: {parallel:.1f} min")
+        ratios["paper_moons_grid_minutes_workers"] = parallel
     report(ratios)
 
 
@@ -85,6 +92,20 @@ def grid_minutes(cfgs, dev):
         recs = train_group(group, device=dev, progress="quiet")
         per_epoch += statistics.median(recs[0]["history"]["time"][1:] or recs[0]["history"]["time"])
     return per_epoch * 5000 / 60
+
+
+def parallel_minutes(cfgs, dev, workers, epochs):
+    """Minutes for 5000 epochs of ``cfgs`` by ``workers`` worker processes, from the wall time
+    of ``epochs`` epochs less that of one: the difference leaves out starting the workers and
+    building the stacks, as the median epoch times above do."""
+    wall = {}
+    for e in (1, epochs):
+        groups = group_configs([c.replace(epochs=e) for c in cfgs], device=dev)
+        t = time.perf_counter()
+        for _ in train_groups(groups, device=dev, progress="quiet", workers=workers):
+            pass
+        wall[e] = time.perf_counter() - t
+    return (wall[epochs] - wall[1]) / (epochs - 1) * 5000 / 60
 
 
 if __name__ == "__main__":

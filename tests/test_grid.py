@@ -263,3 +263,31 @@ def test_stack_zero_grad_keeps_the_flat_gradient():
     assert stack.head_b.grad is not None and flat.grad.abs().sum() == 0
     stack(torch.randn(4, 2))[0].sum().backward()
     assert torch.equal(flat.grad, torch.cat([p.grad.reshape(-1) for p in stack.parameters()]))
+
+
+def test_worker_processes_train_the_same_records_and_refuse_bad_counts(tmp_path, monkeypatch):
+    from alive.grid import train_groups
+    from alive.results import Store, sweep
+
+    cfgs = [BASE.replace(depth=d, width=w, constraint=c, weight=1e-2 if c != "none" else 0.0, epochs=6, batchnorm=bn)
+            for d, w, c in [(2, 2, "up"), (3, 1, "none")] for bn in (False, True)]
+    groups = group_configs(cfgs, device="cpu")
+    assert len(groups) == 2  # with and without BatchNorm
+    here = {r["key"]: r for g in train_groups(groups, device="cpu", progress="quiet") for r in g}
+    there = {r["key"]: r for g in train_groups(groups, device="cpu", progress="quiet", workers=2) for r in g}
+    assert here.keys() == there.keys() and len(here) == 4
+    for k, r in here.items():
+        assert r["history"]["val_acc"] == there[k]["history"]["val_acc"]
+        assert r["history"]["train_loss"] == pytest.approx(there[k]["history"]["train_loss"], abs=1e-6)
+        assert "1 threads" in there[k]["environment"]["device"]  # each worker got its share of the threads
+    monkeypatch.setenv("ALIVE_WORKERS", "2")  # a sweep takes its workers from the environment
+    recs = sweep(cfgs, Store(tmp_path), device="cpu", progress="quiet")
+    assert sorted(r["key"] for r in recs) == sorted(here)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            next(train_groups(groups, workers=bad))
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            sweep(cfgs, Store(tmp_path), device="cpu", workers=bad)
+    monkeypatch.setenv("ALIVE_WORKERS", "two")
+    with pytest.raises(ValueError, match="ALIVE_WORKERS must be a positive integer, got 'two'"):
+        sweep(cfgs, Store(tmp_path), device="cpu")

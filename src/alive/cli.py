@@ -6,6 +6,7 @@ Examples::
         --constraint up --weight 1e-4 --lr 0.01 --epochs 5000 --batch-size none
     python -m alive sweep --experiment depth --profile book          # profiles/book/depth.yml
     python -m alive sweep --experiment moons --profile paper --shard 0/4 --device cuda
+    python -m alive sweep --experiment moons --profile paper --workers 2     # two grid groups at once
     python -m alive results --experiment depth
 """
 from __future__ import annotations
@@ -93,6 +94,9 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--store", default=None)
     p.add_argument("--engine", default="auto", choices=("auto", "single"), help="auto batches grid cells (alive.grid)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="grid groups trained at once in worker processes, sharing the CPU threads "
+                        "(default: $ALIVE_WORKERS or 1; on a 2-core CPU 2 is ~1.2x faster)")
     p.add_argument("--dry-run", action="store_true", help="count the runs and how many a sweep would train (all shards), train nothing")
     p.add_argument("--retrain-before", default=None, metavar="DATE",
                    help="train again (and overwrite) the stored runs created before DATE (ISO, UTC unless zoned), "
@@ -152,7 +156,7 @@ def _cmd_sweep(args) -> int:
         print(f"{args.experiment} ({args.profile}): {len(cfgs)} runs, {todo} to train")
         return 0
     recs = sweep(cfgs, store=store, device=values.get("device"), shard=args.shard, engine=args.engine,
-                 retrain_before=args.retrain_before)
+                 retrain_before=args.retrain_before, workers=args.workers)
     print(f"{args.experiment} ({args.profile}): {len(recs)}/{len(cfgs)} results stored")
     return 0
 

@@ -6,9 +6,10 @@ field of the configuration, the resolved precision and :data:`alive.config.RESUL
 :func:`sweep` does that for many configurations, resumably and optionally sharded over
 machines (``shard=(i, n)``); :func:`load` turns stored records into a pandas DataFrame.
 
-Environment variables: ``ALIVE_RESULTS`` (the store folder, default ``./results``) and
+Environment variables: ``ALIVE_RESULTS`` (the store folder, default ``./results``),
 ``ALIVE_NO_TRAIN=1`` (never train: a missing record raises :class:`MissingResult`; the
-book's reproducibility check uses it).
+book's reproducibility check uses it) and ``ALIVE_WORKERS`` (how many grid groups a sweep
+trains at once, in worker processes, when ``workers`` is not given; default 1).
 """
 from __future__ import annotations
 
@@ -246,6 +247,7 @@ def sweep(
     progress: str = "auto",
     train: bool = True,
     retrain_before: str | None = None,
+    workers: int | None = None,
     **fit_kwargs,
 ) -> list[dict]:
     """Records for every configuration, training only what is missing.
@@ -255,14 +257,16 @@ def sweep(
     all runs sorted by key, so ``n`` machines or GPUs (a SLURM array, one process per GPU) can
     share one sweep and one store; the returned list then holds the records available so far. ``engine="auto"`` trains groups of small
     MLP/CNN grid cells together with :mod:`alive.grid` (same results, much faster);
-    ``"single"`` trains one network at a time.
+    ``"single"`` trains one network at a time. ``workers``: how many of those groups train at
+    once, in worker processes (:func:`alive.grid.train_groups`; default ``$ALIVE_WORKERS`` or 1).
 
     ``retrain_before`` (an ISO date or time, UTC unless it names a zone) counts records
     created before that moment as missing: they are trained again and overwritten, e.g. after
     a fix to what a record measures. Restartable like any sweep: a retrained record is newer.
     """
-    from .grid import can_batch, train_group, group_configs
+    from .grid import can_batch, group_configs, train_groups
 
+    workers = _workers(workers)
     store = store or default_store()
     stale_before = _retrain_moment(retrain_before) if retrain_before is not None else None
     i, n = parse_shard(shard)
@@ -286,8 +290,9 @@ def sweep(
     if engine != "single":
         batchable = [c for c in mine if can_batch(c)]
         single = [c for c in mine if not can_batch(c)]
-        for group in group_configs(batchable):
-            for rec in train_group(group, device=device, progress=progress):
+        for records in train_groups(group_configs(batchable, device=device), device=device, progress=progress,
+                                    workers=workers):
+            for rec in records:
                 store.put(rec)
     for c in single:
         stale = stale_before is not None and _missing(store, c, precision[id(c)], stale_before)
@@ -302,6 +307,19 @@ def sweep(
         if rec is not None:
             out.append(rec)
     return out
+
+
+def _workers(workers: int | None) -> int:
+    """``workers``, or ``$ALIVE_WORKERS``, or 1; anything but a positive integer is refused."""
+    if workers is None:
+        text = os.environ.get("ALIVE_WORKERS", "").strip() or "1"
+        try:
+            workers = int(text)
+        except ValueError:
+            raise ConfigError(f"ALIVE_WORKERS must be a positive integer, got {text!r}") from None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    return workers
 
 
 def _missing(store: Store, config: RunConfig, precision: str, stale_before: datetime.datetime | None) -> bool:
