@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -48,6 +49,30 @@ def test_sweep_killed_half_way_resumes_without_duplicates(tmp_path, monkeypatch)
     assert len(recs) == 5 and len({r["key"] for r in recs}) == 4
     assert len(list((tmp_path / "t").glob("*.json"))) == 4
     assert not list((tmp_path / "t").glob("*.lock")) and not list((tmp_path / "t").glob("*.tmp"))
+
+
+def test_single_runs_in_worker_processes_store_the_same_records(tmp_path):
+    cfgs = [CFG.replace(seed=s) for s in range(3)]
+    here = {r["key"]: r for r in sweep(cfgs, Store(tmp_path / "a"), device="cpu", engine="single", progress="quiet")}
+    there = {r["key"]: r for r in sweep(cfgs, Store(tmp_path / "b"), device="cpu", engine="single", progress="quiet",
+                                        workers=2)}
+    assert here.keys() == there.keys() and len(here) == 3
+    for k, r in here.items():
+        assert r["history"]["val_acc"] == there[k]["history"]["val_acc"]
+        assert r["history"]["train_loss"] == pytest.approx(there[k]["history"]["train_loss"], rel=1e-5)
+        assert "1 threads" in there[k]["environment"]["device"]
+    assert not list((tmp_path / "b" / "t").glob("*.lock"))
+
+
+def test_in_workers_yields_every_result_and_raises_a_worker_error_here():
+    from alive.workers import in_workers
+
+    assert sorted(in_workers(math.sqrt, [(4.0,), (9.0,), (16.0,)], workers=2)) == [2.0, 3.0, 4.0]
+    assert list(in_workers(math.sqrt, [(4.0,), (9.0,)], workers=1)) == [2.0, 3.0]  # here, in order
+    with pytest.raises(ValueError, match="math domain error"):
+        list(in_workers(math.sqrt, [(4.0,), (-1.0,)], workers=2))
+    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+        next(in_workers(math.sqrt, [(4.0,)], workers=0))
 
 
 def test_shards_partition_the_pending_runs(tmp_path):

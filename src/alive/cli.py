@@ -95,7 +95,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--store", default=None)
     p.add_argument("--engine", default="auto", choices=("auto", "single"), help="auto batches grid cells (alive.grid)")
     p.add_argument("--workers", type=int, default=None,
-                   help="grid groups trained at once in worker processes, sharing the CPU threads "
+                   help="grid groups (then single runs) trained at once in worker processes, sharing the CPU threads "
                         "(default: $ALIVE_WORKERS or 1; on a 2-core CPU 2 is ~1.2x faster)")
     p.add_argument("--dry-run", action="store_true", help="count the runs and how many a sweep would train (all shards), train nothing")
     p.add_argument("--retrain-before", default=None, metavar="DATE",

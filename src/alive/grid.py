@@ -58,6 +58,7 @@ from .train import (
     resolve_device,
     resolve_precision,
 )
+from .workers import check_workers, in_workers
 
 __all__ = ["can_batch", "group_configs", "train_group", "train_groups", "GridStack"]
 
@@ -198,7 +199,9 @@ class GridStack(nn.Module):
         # way, and the activation and its backward run on one contiguous layout. Measured on this
         # project's 2-core CPU, 40 layers of 117 nets of width 25 (the paper MOONS grid's
         # ReLU + BN stack): forward and backward 61-68 ms against 102 ms points-major. Plain
-        # dense stacks stay points-major, where the batched matmuls are ~10 % faster.
+        # dense stacks stay points-major, where the batched matmuls are ~10 % faster: held
+        # units-major, the paper grid's ReLU and Sep-UP stacks took 1.03x and 1.16x as long
+        # per epoch (medians of five paired rounds).
         self.points_last = cfg0.batchnorm and not self.conv
         self.layout = _Layout(self.conv, self.points_last)
         self.activation = make_activation(cfg0.activation, dim=1 if self.points_last else 2)
@@ -703,41 +706,18 @@ def train_groups(groups: Sequence[Sequence[RunConfig]], device=None, progress: s
                  workers: int = 1) -> Iterator[list[dict]]:
     """Train groups (:func:`group_configs`), yielding each group's records as it finishes.
 
-    ``workers > 1`` trains that many groups at once in worker processes, the CPU threads
-    shared out among them (each gets ``torch.get_num_threads() // workers``, at least one).
-    The engine spends much of a CPU's time in per-operation work that one thread does alone,
-    so on this project's 2-core CPU two workers of one thread train the paper MOONS grid
-    1.18-1.20x faster than one process of two threads (``bench/grid.py``). Groups start largest first and results come
-    in the order the groups finish. Workers are started with ``spawn`` (a forked PyTorch
-    process can hang in its thread pool), so a script that calls this with ``workers > 1``
-    needs the usual ``if __name__ == "__main__":`` guard; each worker holds its own groups
-    in memory (``ALIVE_GRID_MEMORY_GB`` per group). On a GPU, the workers share the device.
+    ``workers > 1`` trains that many groups at once in worker processes that share the CPU
+    threads (:mod:`alive.workers`: on this project's 2-core CPU two workers of one thread train
+    the paper MOONS grid 1.18-1.20x faster than one process of two threads, ``bench/grid.py``).
+    Groups then start largest first, so the last to start are short, and each worker holds
+    its own groups in memory (``ALIVE_GRID_MEMORY_GB`` per group).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    check_workers(workers)
     groups = [list(g) for g in groups]
-    if workers == 1 or len(groups) < 2:
-        for g in groups:
-            yield train_group(g, device=device, progress=progress)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    workers = min(workers, len(groups))
-    threads = max(1, torch.get_num_threads() // workers)
-    order = sorted(groups, key=_work, reverse=True)  # largest first: the last to start are short
-    log.info("grid: %d groups on %d workers of %d thread(s)", len(groups), workers, threads)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        pending = [pool.submit(train_group, g, device, "quiet") for g in order]
-        try:
-            for i, done in enumerate(as_completed(pending), 1):
-                records = done.result()
-                log.info("grid: group %d/%d done (%d networks)", i, len(pending), len(records))
-                yield records
-        finally:  # a failed group or an interrupted caller: drop what has not started
-            for f in pending:
-                f.cancel()
+    if workers > 1:
+        groups.sort(key=_work, reverse=True)
+    yield from in_workers(train_group, [(g, device, progress if workers == 1 else "quiet") for g in groups],
+                          workers, what="grid group")
 
 
 def _work(group: Sequence[RunConfig]) -> float:

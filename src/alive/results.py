@@ -8,8 +8,8 @@ machines (``shard=(i, n)``); :func:`load` turns stored records into a pandas Dat
 
 Environment variables: ``ALIVE_RESULTS`` (the store folder, default ``./results``),
 ``ALIVE_NO_TRAIN=1`` (never train: a missing record raises :class:`MissingResult`; the
-book's reproducibility check uses it) and ``ALIVE_WORKERS`` (how many grid groups a sweep
-trains at once, in worker processes, when ``workers`` is not given; default 1).
+book's reproducibility check uses it) and ``ALIVE_WORKERS`` (how many trainings a sweep
+runs at once, in worker processes, when ``workers`` is not given; default 1).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import pandas as pd
 
 from .config import ConfigError, RunConfig
+from .workers import check_workers, in_workers
 
 __all__ = ["Store", "MissingResult", "run", "sweep", "count_missing", "load", "histories", "parse_shard", "default_store"]
 
@@ -257,8 +258,10 @@ def sweep(
     all runs sorted by key, so ``n`` machines or GPUs (a SLURM array, one process per GPU) can
     share one sweep and one store; the returned list then holds the records available so far. ``engine="auto"`` trains groups of small
     MLP/CNN grid cells together with :mod:`alive.grid` (same results, much faster);
-    ``"single"`` trains one network at a time. ``workers``: how many of those groups train at
-    once, in worker processes (:func:`alive.grid.train_groups`; default ``$ALIVE_WORKERS`` or 1).
+    ``"single"`` trains one network at a time. ``workers``: how many grid groups, and then how
+    many single runs, train at once in worker processes that share the CPU threads
+    (:mod:`alive.workers`; default ``$ALIVE_WORKERS`` or 1); ``fit_kwargs`` must then be
+    picklable (no lambdas).
 
     ``retrain_before`` (an ISO date or time, UTC unless it names a zone) counts records
     created before that moment as missing: they are trained again and overwritten, e.g. after
@@ -294,19 +297,27 @@ def sweep(
                                     workers=workers):
             for rec in records:
                 store.put(rec)
+    calls = []
     for c in single:
         stale = stale_before is not None and _missing(store, c, precision[id(c)], stale_before)
         if stale:  # nor resume from a checkpoint of a run older than the fix
             ckpt = store.checkpoint_path(c.experiment, c.key(precision[id(c)]))
             if ckpt.exists() and datetime.datetime.fromtimestamp(ckpt.stat().st_mtime, datetime.timezone.utc) < stale_before:
                 ckpt.unlink()
-        run(c, store, device, retrain=stale, progress=progress, **fit_kwargs)
+        calls.append((c, store, device, stale, progress if workers == 1 else "quiet", fit_kwargs))
+    for _ in in_workers(_run, calls, workers, what="run"):
+        pass  # each run stores its own record
     out = []
     for c in configs:
         rec = store.get(c, precision[id(c)])
         if rec is not None:
             out.append(rec)
     return out
+
+
+def _run(config: RunConfig, store: Store, device, retrain: bool, progress: str, fit_kwargs: dict) -> None:
+    """:func:`run` without returning the record (a worker process sends back nothing)."""
+    run(config, store, device, retrain=retrain, progress=progress, **fit_kwargs)
 
 
 def _workers(workers: int | None) -> int:
@@ -317,9 +328,10 @@ def _workers(workers: int | None) -> int:
             workers = int(text)
         except ValueError:
             raise ConfigError(f"ALIVE_WORKERS must be a positive integer, got {text!r}") from None
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
-    return workers
+    try:
+        return check_workers(workers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _missing(store: Store, config: RunConfig, precision: str, stale_before: datetime.datetime | None) -> bool:
