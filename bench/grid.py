@@ -10,7 +10,7 @@ Ends with ``grid_speedup: <ratio>`` (target >= 10), ``paper_moons_grid_minutes: 
 (target < 20 on a 2-core CPU), ``paper_moons_grid_minutes_no_penalty: <m>``, the same grid
 with every separation penalty switched off (a floor: the cost of the networks themselves), and
 ``paper_moons_grid_minutes_workers: <m>``, the grid trained by as many worker processes as the
-CPU has threads (``python -m alive sweep --workers``), each group largest first.
+CPU has threads, at most one per group (``python -m alive sweep --workers``), largest first.
 
 Usage: python bench/grid.py [--device cuda] [--quick]
 """
@@ -77,10 +77,12 @@ def main():
     floor = grid_minutes(plain, dev)
     print(f"the same grid without penalties: {floor * 60 / 5:.0f} ms per epoch -> {floor:.1f} min")
     ratios["paper_moons_grid_minutes_no_penalty"] = floor
-    workers = torch.get_num_threads()
+    threads = torch.get_num_threads()
+    workers = min(threads, len(group_configs(paper, device=dev)))
     if dev == "cpu" and workers > 1:
         parallel = parallel_minutes(paper, dev, workers, 2 if args.quick else 10)
-        print(f"the same grid with penalties, {workers} worker processes of 1 thread: {parallel:.1f} min")
+        print(f"the same grid with penalties, {workers} worker processes of {max(1, threads // workers)} thread(s): "
+              f"{parallel:.1f} min")
         ratios["paper_moons_grid_minutes_workers"] = parallel
     report(ratios)
 

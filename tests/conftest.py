@@ -17,7 +17,14 @@ def _seed_and_store(tmp_path, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setenv("ALIVE_RESULTS", str(tmp_path / "results"))
     monkeypatch.delenv("ALIVE_NO_TRAIN", raising=False)
+    monkeypatch.delenv("ALIVE_WORKERS", raising=False)  # a user's setting would move sweeps out of monkeypatch's reach
     yield
+
+
+@pytest.fixture
+def two_workers_threads() -> str:
+    """How a record made by one of two worker processes ends its device: its share of the threads."""
+    return f"{max(1, torch.get_num_threads() // 2)} threads)"
 
 
 @pytest.fixture

@@ -265,7 +265,7 @@ def test_stack_zero_grad_keeps_the_flat_gradient():
     assert torch.equal(flat.grad, torch.cat([p.grad.reshape(-1) for p in stack.parameters()]))
 
 
-def test_worker_processes_train_the_same_records_and_refuse_bad_counts(tmp_path, monkeypatch):
+def test_worker_processes_train_the_same_records_and_refuse_bad_counts(tmp_path, monkeypatch, two_workers_threads):
     from alive.grid import train_groups
     from alive.results import Store, sweep
 
@@ -279,13 +279,14 @@ def test_worker_processes_train_the_same_records_and_refuse_bad_counts(tmp_path,
     for k, r in here.items():
         assert r["history"]["val_acc"] == there[k]["history"]["val_acc"]
         assert r["history"]["train_loss"] == pytest.approx(there[k]["history"]["train_loss"], abs=1e-6)
-        assert "1 threads" in there[k]["environment"]["device"]  # each worker got its share of the threads
+        assert there[k]["environment"]["device"].endswith(two_workers_threads)  # each worker got its share
     monkeypatch.setenv("ALIVE_WORKERS", "2")  # a sweep takes its workers from the environment
     recs = sweep(cfgs, Store(tmp_path), device="cpu", progress="quiet")
     assert sorted(r["key"] for r in recs) == sorted(here)
+    assert all(r["environment"]["device"].endswith(two_workers_threads) for r in recs)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="workers must be a positive integer"):
-            next(train_groups(groups, workers=bad))
+            train_groups(groups, workers=bad)
         with pytest.raises(ValueError, match="workers must be a positive integer"):
             sweep(cfgs, Store(tmp_path), device="cpu", workers=bad)
     monkeypatch.setenv("ALIVE_WORKERS", "two")

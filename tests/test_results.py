@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +53,7 @@ def test_sweep_killed_half_way_resumes_without_duplicates(tmp_path, monkeypatch)
     assert not list((tmp_path / "t").glob("*.lock")) and not list((tmp_path / "t").glob("*.tmp"))
 
 
-def test_single_runs_in_worker_processes_store_the_same_records(tmp_path):
+def test_single_runs_in_worker_processes_store_the_same_records(tmp_path, two_workers_threads):
     cfgs = [CFG.replace(seed=s) for s in range(3)]
     here = {r["key"]: r for r in sweep(cfgs, Store(tmp_path / "a"), device="cpu", engine="single", progress="quiet")}
     there = {r["key"]: r for r in sweep(cfgs, Store(tmp_path / "b"), device="cpu", engine="single", progress="quiet",
@@ -60,7 +62,7 @@ def test_single_runs_in_worker_processes_store_the_same_records(tmp_path):
     for k, r in here.items():
         assert r["history"]["val_acc"] == there[k]["history"]["val_acc"]
         assert r["history"]["train_loss"] == pytest.approx(there[k]["history"]["train_loss"], rel=1e-5)
-        assert "1 threads" in there[k]["environment"]["device"]
+        assert there[k]["environment"]["device"].endswith(two_workers_threads)
     assert not list((tmp_path / "b" / "t").glob("*.lock"))
 
 
@@ -72,7 +74,38 @@ def test_in_workers_yields_every_result_and_raises_a_worker_error_here():
     with pytest.raises(ValueError, match="math domain error"):
         list(in_workers(math.sqrt, [(4.0,), (-1.0,)], workers=2))
     with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
-        next(in_workers(math.sqrt, [(4.0,)], workers=0))
+        in_workers(math.sqrt, [(4.0,)], workers=0)  # refused at the call, before any iteration
+
+
+def _nap_or_fail(seconds: float, started: str) -> float:
+    Path(started, f"{os.getpid()}-{seconds}-{time.monotonic_ns()}").touch()
+    if seconds < 0:
+        raise RuntimeError("this call fails")
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_failing_worker_call_stops_the_others_and_starts_no_more(tmp_path):
+    import multiprocessing
+
+    from alive.workers import in_workers
+
+    calls = [(-1.0, str(tmp_path))] + [(30.0, str(tmp_path))] * 5
+    with pytest.raises(RuntimeError, match="this call fails"):
+        list(in_workers(_nap_or_fail, calls, workers=2))
+    started = [p.name for p in tmp_path.iterdir()]
+    assert len(started) <= 2 and any("--1.0-" in n for n in started)  # the failed call and at most the one beside it
+    assert not multiprocessing.active_children()  # the 30-second nap was stopped, not waited for
+    gen = in_workers(_nap_or_fail, [(0.0, str(tmp_path))] + [(30.0, str(tmp_path))] * 3, workers=2)
+    assert next(gen) == 0.0
+    gen.close()  # a caller that stops iterating stops the workers too
+    assert not multiprocessing.active_children()
+
+
+def test_sweep_refuses_unpicklable_training_options_for_workers_before_training(tmp_path):
+    with pytest.raises(ValueError, match="must be picklable"):
+        sweep([CFG], Store(tmp_path), device="cpu", workers=2, stop_after=lambda: 1)
+    assert not (tmp_path / "t").exists()
 
 
 def test_shards_partition_the_pending_runs(tmp_path):

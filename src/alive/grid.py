@@ -58,7 +58,7 @@ from .train import (
     resolve_device,
     resolve_precision,
 )
-from .workers import check_workers, in_workers
+from .workers import check_workers, in_workers, worker_progress
 
 __all__ = ["can_batch", "group_configs", "train_group", "train_groups", "GridStack"]
 
@@ -703,8 +703,10 @@ def train_group(
 
 
 def train_groups(groups: Sequence[Sequence[RunConfig]], device=None, progress: str = "auto",
-                 workers: int = 1) -> Iterator[list[dict]]:
-    """Train groups (:func:`group_configs`), yielding each group's records as it finishes.
+                 workers: int = 1, store=None) -> Iterator[list[dict]]:
+    """Train groups (:func:`group_configs`), yielding each group's records as it finishes;
+    with a ``store`` (:class:`alive.results.Store`) each group's records are put there as soon
+    as it finishes, by the process that trained it.
 
     ``workers > 1`` trains that many groups at once in worker processes that share the CPU
     threads (:mod:`alive.workers`: on this project's 2-core CPU two workers of one thread train
@@ -714,10 +716,19 @@ def train_groups(groups: Sequence[Sequence[RunConfig]], device=None, progress: s
     """
     check_workers(workers)
     groups = [list(g) for g in groups]
-    if workers > 1:
+    spawned = workers > 1 and len(groups) > 1
+    if spawned:
         groups.sort(key=_work, reverse=True)
-    yield from in_workers(train_group, [(g, device, progress if workers == 1 else "quiet") for g in groups],
-                          workers, what="grid group")
+        progress = worker_progress(progress)
+    return in_workers(_train_and_store, [(g, device, progress, store) for g in groups], workers, what="grid group")
+
+
+def _train_and_store(group: list[RunConfig], device, progress: str, store) -> list[dict]:
+    records = train_group(group, device=device, progress=progress)
+    if store is not None:
+        for rec in records:
+            store.put(rec)
+    return records
 
 
 def _work(group: Sequence[RunConfig]) -> float:

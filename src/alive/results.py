@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import tempfile
 import time
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import pandas as pd
 
 from .config import ConfigError, RunConfig
-from .workers import check_workers, in_workers
+from .workers import check_workers, in_workers, worker_progress
 
 __all__ = ["Store", "MissingResult", "run", "sweep", "count_missing", "load", "histories", "parse_shard", "default_store"]
 
@@ -261,7 +262,7 @@ def sweep(
     ``"single"`` trains one network at a time. ``workers``: how many grid groups, and then how
     many single runs, train at once in worker processes that share the CPU threads
     (:mod:`alive.workers`; default ``$ALIVE_WORKERS`` or 1); ``fit_kwargs`` must then be
-    picklable (no lambdas).
+    picklable (checked first; a ``data=`` dataset is copied to each run's worker).
 
     ``retrain_before`` (an ISO date or time, UTC unless it names a zone) counts records
     created before that moment as missing: they are trained again and overwritten, e.g. after
@@ -270,6 +271,11 @@ def sweep(
     from .grid import can_batch, group_configs, train_groups
 
     workers = _workers(workers)
+    if workers > 1 and fit_kwargs:
+        try:  # now, not after the grid stage: the single runs' options go to other processes
+            pickle.dumps(fit_kwargs)
+        except Exception as e:
+            raise ConfigError(f"with workers > 1 the training options go to worker processes and must be picklable: {e}") from None
     store = store or default_store()
     stale_before = _retrain_moment(retrain_before) if retrain_before is not None else None
     i, n = parse_shard(shard)
@@ -293,10 +299,9 @@ def sweep(
     if engine != "single":
         batchable = [c for c in mine if can_batch(c)]
         single = [c for c in mine if not can_batch(c)]
-        for records in train_groups(group_configs(batchable, device=device), device=device, progress=progress,
-                                    workers=workers):
-            for rec in records:
-                store.put(rec)
+        for _ in train_groups(group_configs(batchable, device=device), device=device, progress=progress,
+                              workers=workers, store=store):
+            pass  # each group's records are stored as it finishes
     calls = []
     for c in single:
         stale = stale_before is not None and _missing(store, c, precision[id(c)], stale_before)
@@ -304,7 +309,8 @@ def sweep(
             ckpt = store.checkpoint_path(c.experiment, c.key(precision[id(c)]))
             if ckpt.exists() and datetime.datetime.fromtimestamp(ckpt.stat().st_mtime, datetime.timezone.utc) < stale_before:
                 ckpt.unlink()
-        calls.append((c, store, device, stale, progress if workers == 1 else "quiet", fit_kwargs))
+        calls.append((c, store, device, stale, progress if workers == 1 or len(single) < 2 else worker_progress(progress),
+                      fit_kwargs))
     for _ in in_workers(_run, calls, workers, what="run"):
         pass  # each run stores its own record
     out = []

@@ -7,7 +7,8 @@ thread on this project's 2-core CPU, ``bench/grid.py``). On a GPU the workers sh
 
 Workers are started with ``spawn`` (a forked PyTorch process can hang in its thread pool), so
 a script that uses them needs the usual ``if __name__ == "__main__":`` guard; a notebook does
-not. What a worker runs must be importable and its arguments picklable.
+not. What a worker runs must be importable and its arguments picklable. Workers log through
+the ``alive`` logger at the caller's level, and end themselves if the caller's process dies.
 
 Example::
 
@@ -18,11 +19,16 @@ Example::
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["check_workers", "in_workers"]
+__all__ = ["check_workers", "in_workers", "worker_progress"]
 
 log = logging.getLogger("alive")
 
@@ -34,32 +40,63 @@ def check_workers(workers: Any) -> int:
     return workers
 
 
+def worker_progress(progress: str) -> str:
+    """The progress mode for a training in a worker: no bars (workers share one terminal),
+    periodic log lines instead, unless the caller asked for quiet."""
+    return "quiet" if progress == "quiet" else "log"
+
+
 def in_workers(fn: Callable, calls: Sequence[tuple], workers: int, what: str = "run") -> Iterator[Any]:
     """``fn(*args)`` for every ``args`` in ``calls``, in ``workers`` processes; yields each
     result as it finishes (not in order). ``workers == 1`` (or one call) runs them here, in
-    order. Each worker gets ``torch.get_num_threads() // workers`` threads (at least one). If a
-    call fails, or the caller stops iterating, the calls not yet started are dropped and the
-    error is raised here."""
+    order. Each worker gets ``torch.get_num_threads() // workers`` threads (at least one).
+
+    At most ``workers`` calls are out at a time, the next one sent as one finishes. If a call
+    fails, or the caller stops iterating, the calls still running are stopped (their worker
+    processes ended) and none of the rest is started; a failure is raised here.
+    """
     check_workers(workers)
     calls = list(calls)
     if workers == 1 or len(calls) < 2:
-        for args in calls:
-            yield fn(*args)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+        return (fn(*args) for args in calls)
+    return _spawned(fn, calls, min(workers, len(calls)), what)
 
-    workers = min(workers, len(calls))
+
+def _spawned(fn: Callable, calls: list[tuple], workers: int, what: str) -> Iterator[Any]:
     threads = max(1, torch.get_num_threads() // workers)
     log.info("%d %ss on %d worker processes of %d thread(s)", len(calls), what, workers, threads)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        pending = [pool.submit(fn, *args) for args in calls]
-        try:
-            for i, done in enumerate(as_completed(pending), 1):
-                result = done.result()
-                log.info("%s %d/%d done", what, i, len(pending))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(threads, log.getEffectiveLevel()))
+    todo, out, finished = list(reversed(calls)), set(), 0
+    clean = False
+    try:
+        while todo or out:
+            while todo and len(out) < workers:
+                out.add(pool.submit(fn, *todo.pop()))
+            done, out = wait(out, return_when=FIRST_COMPLETED)
+            for f in done:
+                result = f.result()
+                finished += 1
+                log.info("%s %d/%d done", what, finished, len(calls))
                 yield result
-        finally:
-            for f in pending:
-                f.cancel()
+        clean = True
+    finally:
+        if not clean:  # an error or an abandoned iteration: stop what still runs, now
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
+                p.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)  # with its workers ended, this waits for no call
+
+
+def _start_worker(threads: int, level: int) -> None:
+    torch.set_num_threads(threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s [%(processName)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("alive").setLevel(level)
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a worker outliving its caller would hold a lock (and a GPU) forever
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+
+
+def _exit_with(sentinel) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
