@@ -229,3 +229,15 @@ def test_retrain_before_also_retrains_grid_cells(tmp_path):
         path.write_text(json.dumps(rec))
     recs = sweep(cfgs, store, device="cpu", progress="quiet", retrain_before="2021-01-01")
     assert all(r["environment"]["created"] > "2021" and r["timing"].get("batched_with") for r in recs)
+
+
+def test_a_worker_logs_instead_of_drawing_progress_bars(monkeypatch):
+    import alive.workers
+    from alive.train import _progress
+
+    bar = _progress("bar", 3, "here")
+    assert bar is not None
+    bar.close()
+    monkeypatch.setattr(alive.workers, "_in_worker", True)
+    assert alive.workers.in_worker()
+    assert _progress("bar", 3, "in a worker") is None and _progress("auto", 3, "in a worker") is None

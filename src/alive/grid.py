@@ -50,6 +50,7 @@ from .train import (
     _autocast,
     _environment,
     _fp32_matmuls,
+    _progress,
     _thin,
     keep_freed_memory,
     load_data,
@@ -58,7 +59,7 @@ from .train import (
     resolve_device,
     resolve_precision,
 )
-from .workers import check_workers, in_workers, worker_progress
+from .workers import check_workers, in_workers
 
 __all__ = ["can_batch", "group_configs", "train_group", "train_groups", "GridStack"]
 
@@ -604,11 +605,7 @@ def train_group(
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     diverged_at = [None] * n
     log_every = max(1, cfg0.epochs // 10)
-    bar = None
-    if progress == "bar" or (progress == "auto" and __import__("sys").stderr.isatty()):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg0.epochs, desc=f"grid {cfg0.label} x{n}", leave=False, dynamic_ncols=True)
+    bar = _progress(progress, cfg0.epochs, f"grid {cfg0.label} x{n}")
     t_start = time.perf_counter()
     epochs_run = 0
     for epoch in range(cfg0.epochs):
@@ -716,10 +713,8 @@ def train_groups(groups: Sequence[Sequence[RunConfig]], device=None, progress: s
     """
     check_workers(workers)
     groups = [list(g) for g in groups]
-    spawned = workers > 1 and len(groups) > 1
-    if spawned:
+    if workers > 1:
         groups.sort(key=_work, reverse=True)
-        progress = worker_progress(progress)
     return in_workers(_train_and_store, [(g, device, progress, store) for g in groups], workers, what="grid group")
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import pandas as pd
 
 from .config import ConfigError, RunConfig
-from .workers import check_workers, in_workers, worker_progress
+from .workers import check_workers, in_workers
 
 __all__ = ["Store", "MissingResult", "run", "sweep", "count_missing", "load", "histories", "parse_shard", "default_store"]
 
@@ -309,8 +309,7 @@ def sweep(
             ckpt = store.checkpoint_path(c.experiment, c.key(precision[id(c)]))
             if ckpt.exists() and datetime.datetime.fromtimestamp(ckpt.stat().st_mtime, datetime.timezone.utc) < stale_before:
                 ckpt.unlink()
-        calls.append((c, store, device, stale, progress if workers == 1 or len(single) < 2 else worker_progress(progress),
-                      fit_kwargs))
+        calls.append((c, store, device, stale, progress, fit_kwargs))
     for _ in in_workers(_run, calls, workers, what="run"):
         pass  # each run stores its own record
     out = []

@@ -39,6 +39,7 @@ from .data import Dataset, augment, batches, load
 from .diagnostics import dead_neurons, liveness
 from .init import set_epoch
 from .models import build_model, count_parameters
+from .workers import in_worker
 
 __all__ = [
     "fit",
@@ -217,6 +218,8 @@ def _use_channels_last(setting, conv: bool) -> bool:
 
 
 def _progress(mode: str, total: int, label: str):
+    if mode in ("auto", "bar") and in_worker():  # workers share one terminal: log lines, not bars
+        mode = "log"
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "log"
     if mode == "bar":

@@ -28,9 +28,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["check_workers", "in_workers", "worker_progress"]
+__all__ = ["check_workers", "in_workers", "in_worker"]
 
 log = logging.getLogger("alive")
+_in_worker = False
 
 
 def check_workers(workers: Any) -> int:
@@ -40,10 +41,10 @@ def check_workers(workers: Any) -> int:
     return workers
 
 
-def worker_progress(progress: str) -> str:
-    """The progress mode for a training in a worker: no bars (workers share one terminal),
-    periodic log lines instead, unless the caller asked for quiet."""
-    return "quiet" if progress == "quiet" else "log"
+def in_worker() -> bool:
+    """Whether this process is one of :func:`in_workers`'s workers (the trainers then show
+    log lines instead of progress bars: the workers share one terminal)."""
+    return _in_worker
 
 
 def in_workers(fn: Callable, calls: Sequence[tuple], workers: int, what: str = "run") -> Iterator[Any]:
@@ -88,6 +89,8 @@ def _spawned(fn: Callable, calls: list[tuple], workers: int, what: str) -> Itera
 
 
 def _start_worker(threads: int, level: int) -> None:
+    global _in_worker
+    _in_worker = True
     torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s [%(processName)s] %(message)s", datefmt="%H:%M:%S")
