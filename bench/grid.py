@@ -11,6 +11,9 @@ Ends with ``grid_speedup: <ratio>`` (target >= 10), ``paper_moons_grid_minutes: 
 with every separation penalty switched off (a floor: the cost of the networks themselves), and
 ``paper_moons_grid_minutes_workers: <m>``, the grid trained by as many worker processes as the
 CPU has threads, at most one per group (``python -m alive sweep --workers``), largest first.
+On a CPU where the native penalty kernel (``alive.native``) is built,
+``paper_moons_grid_minutes_pytorch_penalty: <m>`` times the grid once more with the penalties
+computed by PyTorch operations instead, in the same run.
 
 Usage: python bench/grid.py [--device cuda] [--quick]
 """
@@ -25,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import report, sync  # noqa: E402
 
+from alive import native  # noqa: E402
 from alive.config import RunConfig  # noqa: E402
 from alive.grid import group_configs, train_group, train_groups  # noqa: E402
 from alive.train import fit, keep_freed_memory  # noqa: E402
@@ -71,6 +75,11 @@ def main():
     minutes = grid_minutes(paper, dev)
     print(f"paper MOONS grid ({len(paper)} networks): {minutes * 60 / 5 :.0f} ms per epoch -> {minutes:.1f} min for 5000 epochs")
     ratios["paper_moons_grid_minutes"] = minutes
+    if dev == "cpu" and native.available():
+        with native.disabled():
+            slow = grid_minutes(paper, dev)
+        print(f"the same grid with the penalties computed by PyTorch operations: {slow * 60 / 5:.0f} ms per epoch -> {slow:.1f} min")
+        ratios["paper_moons_grid_minutes_pytorch_penalty"] = slow
     # the same networks with every penalty off (Sep-U, Sep-P, Sep-UP as plain ReLU nets of their
     # shapes): what the engine spends on the networks alone, a floor for the line above
     plain = [c.replace(constraint="none", weight=0.0) for c in paper]

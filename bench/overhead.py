@@ -8,7 +8,10 @@ Prints, then ends with one ``name: value`` line per ratio (targets: <= 1.15):
 * ``sepup_step_mlp50x4`` / ``sepup_step_cnn``: a full training step (forward, loss, backward,
   Adam) with Sep-UP over the same step without it, on a 50-layer width-4 MLP and a small CNN;
   ``sepup_step_cnn_channels_last``: the same CNN in the channels-last layout that
-  ``alive.train.fit`` gives convolutional models.
+  ``alive.train.fit`` gives convolutional models;
+* ``..._pytorch_penalty``: the same ratios with the penalty computed by PyTorch operations
+  instead of the native kernel (``alive.native``), timed in the same rounds (CPU, where the
+  kernel could be built).
 
 Usage: python bench/overhead.py [--device cuda] [--quick]
 """
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import medians, paired_ratio, report, rounds_of  # noqa: E402
 
 import alive  # noqa: E402
+from alive import native  # noqa: E402
 from alive.functional import linked_relu  # noqa: E402
 from alive.models import MLP, RectCNN  # noqa: E402
 from alive.config import RunConfig  # noqa: E402
@@ -51,7 +55,7 @@ def activation_ratios(device, quick):
     return {"linked_relu_vs_relu": paired_ratio(r, "linked", "relu"), "linked_relu_vs_naive": paired_ratio(r, "linked", "naive")}
 
 
-def step_ratio(make_model, x, y, device, quick, name, memory_format=torch.contiguous_format):
+def step_ratios(make_model, x, y, device, quick, name, key, memory_format=torch.contiguous_format):
     torch.manual_seed(0)
     plain_model = make_model().to(device, memory_format=memory_format)
     sep_model = make_model().to(device, memory_format=memory_format)
@@ -68,11 +72,20 @@ def step_ratio(make_model, x, y, device, quick, name, memory_format=torch.contig
         loss.backward()
         opts[model].step()
 
-    r = rounds_of({"plain": lambda: step(plain_model, False), "sep-up": lambda: step(sep_model, True)},
-                  device=device, rounds=5 if quick else 15, repeat=3 if quick else 10)
+    def pytorch_step():
+        with native.disabled():
+            step(sep_model, True)
+
+    fns = {"plain": lambda: step(plain_model, False), "sep-up": lambda: step(sep_model, True)}
+    if native.available() and device == "cpu":
+        fns["sep-up, PyTorch penalty"] = pytorch_step
+    r = rounds_of(fns, device=device, rounds=5 if quick else 15, repeat=3 if quick else 10)
     t = medians(r)
-    print(f"{name} training step: plain {t['plain'] * 1e3:.2f} ms, with Sep-UP {t['sep-up'] * 1e3:.2f} ms")
-    return paired_ratio(r, "sep-up", "plain")
+    print(f"{name} training step: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
+    ratios = {key: paired_ratio(r, "sep-up", "plain")}
+    if "sep-up, PyTorch penalty" in r:
+        ratios[key + "_pytorch_penalty"] = paired_ratio(r, "sep-up, PyTorch penalty", "plain")
+    return ratios
 
 
 def main():
@@ -87,13 +100,13 @@ def main():
     b = 64 if args.quick else 256
     x = torch.randn(b, 2, device=dev)
     y = torch.randint(0, 2, (b,), device=dev)
-    ratios["sepup_step_mlp50x4"] = step_ratio(lambda: MLP(2, 2, depth=50, width=4), x, y, dev, args.quick, "MLP 50x4")
+    ratios |= step_ratios(lambda: MLP(2, 2, depth=50, width=4), x, y, dev, args.quick, "MLP 50x4", "sepup_step_mlp50x4")
     xi = torch.randn(16 if args.quick else 128, 1, 28, 28, device=dev)
     yi = torch.randint(0, 10, (xi.shape[0],), device=dev)
     cnn = lambda: RectCNN(1, 10, 28, depth=4, width=16)  # noqa: E731
-    ratios["sepup_step_cnn"] = step_ratio(cnn, xi, yi, dev, args.quick, "CNN 4x16")
-    ratios["sepup_step_cnn_channels_last"] = step_ratio(cnn, xi, yi, dev, args.quick, "CNN 4x16 channels-last",
-                                                        memory_format=torch.channels_last)
+    ratios |= step_ratios(cnn, xi, yi, dev, args.quick, "CNN 4x16", "sepup_step_cnn")
+    ratios |= step_ratios(cnn, xi, yi, dev, args.quick, "CNN 4x16 channels-last", "sepup_step_cnn_channels_last",
+                          memory_format=torch.channels_last)
     report(ratios)
 
 

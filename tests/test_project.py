@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 import alive.experiments as E
+from alive import native
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
@@ -100,7 +101,10 @@ def test_notebook_parameters_are_the_experiments_smoke_defaults():
 
 def test_overhead_bench_prints_one_ratio_per_line():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--quick"], capture_output=True, text=True, check=True).stdout
-    tail = dict(line.split(": ") for line in out.strip().splitlines()[-5:])
-    assert set(tail) == {"linked_relu_vs_relu", "linked_relu_vs_naive", "sepup_step_mlp50x4", "sepup_step_cnn",
-                         "sepup_step_cnn_channels_last"}
+    steps = {"sepup_step_mlp50x4", "sepup_step_cnn", "sepup_step_cnn_channels_last"}
+    names = {"linked_relu_vs_relu", "linked_relu_vs_naive"} | steps
+    if native.available():  # the same steps with the PyTorch penalty, beside the native kernel's
+        names |= {s + "_pytorch_penalty" for s in steps}
+    tail = dict(line.split(": ") for line in out.strip().splitlines()[-len(names):])
+    assert set(tail) == names
     assert all(float(v) > 0 for v in tail.values())

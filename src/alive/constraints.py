@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .functional import TIES, _check_options, stacked_separation_penalty
+from .functional import TIES, _check_options, native_separation_penalty, stacked_separation_penalty
 
 __all__ = ["SeparationConstraint", "hidden_layers", "WEIGHTED_TYPES"]
 
@@ -207,6 +207,7 @@ class SeparationConstraint:
         self._densified: list[bool] = []  # captured through the identity that takes a sparse gradient
         self._output_at: int | None = None  # captures made before the presumed output layer last ran
         self._warned = False
+        self._coefs: dict[tuple, tuple[Tensor, Tensor]] = {}  # (layers, dtype) -> the native kernel's (λ_U, λ_P) flags
         self._handles = [model.register_forward_pre_hook(self._reset)]
         self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
         if layers is None and not include_output:
@@ -262,9 +263,10 @@ class SeparationConstraint:
         ``retain_grad``, tensor hooks) are ordinary dense tensors."""
         return list(self._raw)
 
-    def _stacked_terms(self) -> list[tuple[list[int], Tensor | None, Tensor | None]]:
-        """Layers of the same shape are penalised together in one pass (a deep thin net costs a
-        handful of operations instead of a handful per layer): ``(layer indices, g_U, g_P)``."""
+    def _groups(self) -> list[list[int]]:
+        """The captured layers by shape (checked first): layers of one shape are penalised
+        together in one pass (a deep thin net costs a handful of operations, not a handful per
+        layer)."""
         captured = self._captured
         if not captured:
             raise RuntimeError("no forward pass has been recorded since the constraint was attached")
@@ -283,27 +285,43 @@ class SeparationConstraint:
                 "layer (the last Linear/Conv registered in the model), ran before constrained layers in this "
                 "forward pass; if it is not the output layer, choose the layers with layers= (or include_output=True)",
                 stacklevel=3)
-        sync = _distributed()
         groups: dict[tuple, list[int]] = {}
         for i, z in enumerate(captured):
             groups.setdefault((z.shape, z.dtype, z.device), []).append(i)
-        densified = self._densified
-        out = []
-        for idx in groups.values():
-            g_u, g_p = stacked_separation_penalty(
-                [captured[i] for i in idx],
-                self.kind,
-                self.rho,
-                self.margin,
-                self.aggregation,
-                self.conv_reduction,
-                reduce_extremes=_global_extremes if sync else None,
-                gather_points=_global_points if sync else None,
-                ties=self.ties,
-                sparse_grad=all(densified[i] for i in idx),
-            )
-            out.append((idx, g_u, g_p))
-        return out
+        return list(groups.values())
+
+    def _terms(self, idx: list[int], sync: bool) -> tuple[Tensor | None, Tensor | None]:
+        """``(g_U, g_P)`` of the layers ``idx``, one of each per layer."""
+        return stacked_separation_penalty(
+            [self._captured[i] for i in idx],
+            self.kind,
+            self.rho,
+            self.margin,
+            self.aggregation,
+            self.conv_reduction,
+            reduce_extremes=_global_extremes if sync else None,
+            gather_points=_global_points if sync else None,
+            ties=self.ties,
+            sparse_grad=all(self._densified[i] for i in idx),
+        )
+
+    def _stacked_terms(self) -> list[tuple[list[int], Tensor | None, Tensor | None]]:
+        """``(layer indices, g_U, g_P)`` of each group of same-shaped layers."""
+        sync = _distributed()
+        return [(idx, *self._terms(idx, sync)) for idx in self._groups()]
+
+    def _native_total(self, idx: list[int]) -> Tensor | None:
+        """g_U + g_P summed over the layers ``idx`` by the native kernel, or ``None`` where it
+        does not apply (see :func:`alive.functional.native_separation_penalty`)."""
+        zs = [self._captured[i] for i in idx]
+        key = (len(zs), zs[0].dtype)
+        cache = self.__dict__.setdefault("_coefs", {})  # (a constraint unpickled from an older version has none)
+        coefs = cache.get(key)
+        if coefs is None:  # made once: a new tensor per call is a real share of a thin net's step
+            coefs = cache[key] = tuple(torch.full((len(zs),), float(k in self.kind), dtype=zs[0].dtype) for k in "up")
+        return native_separation_penalty(
+            zs, *coefs, self.rho, self.margin, self.aggregation, self.ties, self.conv_reduction,
+            sparse_grad=all(self._densified[i] for i in idx), total=True)
 
     def layer_terms(self) -> list[tuple[Tensor | None, Tensor | None]]:
         """``(g_U, g_P)`` of each constrained layer (unweighted) for the last forward pass."""
@@ -316,10 +334,12 @@ class SeparationConstraint:
     def penalty(self) -> Tensor:
         """λ · (g_U + g_P) for the last forward pass (differentiable; works under ``no_grad`` too)."""
         total = None
-        for _, g_u, g_p in self._stacked_terms():
-            for g in (g_u, g_p):
-                if g is not None:
-                    total = g.sum() if total is None else total + g.sum()
+        sync = _distributed()
+        for idx in self._groups():
+            g = None if sync else self._native_total(idx)
+            parts = [g] if g is not None else [t.sum() for t in self._terms(idx, sync) if t is not None]
+            for part in parts:
+                total = part if total is None else total + part
         return self.weight * total
 
     def clear(self) -> None:

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import native
+
 __all__ = [
     "linked",
     "linked_relu",
@@ -26,6 +28,7 @@ __all__ = [
     "aggregate",
     "separation_extremes",
     "dense_separation_penalty",
+    "native_separation_penalty",
     "stacked_unit_slacks",
     "stacked_point_slacks",
     "stacked_separation_penalty",
@@ -333,6 +336,125 @@ def _sparse_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor | None:
                                    is_coalesced=False, check_invariants=False)
 
 
+class _NativePenalty(torch.autograd.Function):
+    """``coef_u·g_U + coef_p·g_P`` of each layer of a stack by the native kernel
+    (:mod:`alive.native`): one autograd node, one pass per layer each way (see
+    :func:`native_separation_penalty`)."""
+
+    @staticmethod
+    def forward(ctx, zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
+                rho: float, margin: float, aggregation: str, ties: str, total: bool) -> Tensor:
+        zh = zh.contiguous()
+        zl = None if zl is None else zl.contiguous()
+        out, ext, idx = native.separation_forward(zh, zh if zl is None else zl, coef_u, coef_p, real_units,
+                                                  rho, margin, aggregation, ties == "first")
+        ctx.save_for_backward(zh, zl, coef_u, coef_p, real_units, ext, idx)
+        ctx.options = rho, margin, aggregation, ties, total
+        return out.sum() if total else out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        zh, zl, coef_u, coef_p, real_units, ext, idx = ctx.saved_tensors
+        rho, margin, aggregation, ties, total = ctx.options
+        grad = (grad.expand(zh.shape[0]) if total else grad).contiguous()
+        inputs = (zh,) if zl is None else (zh, zl)
+        if torch.is_grad_enabled():  # a double backward (create_graph): differentiate the built-ins
+            out = _reference_penalty(zh, zl, coef_u, coef_p, real_units, rho, margin, aggregation, ties)
+            grads = torch.autograd.grad(out, inputs, grad, create_graph=True, allow_unused=True)
+            grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
+        else:
+            dzh, dzl = native.separation_backward(zh, zh if zl is None else zl, coef_u, coef_p, real_units,
+                                                  rho, margin, aggregation, ext, idx, grad)
+            grads = (dzh,) if zl is None else (dzh, dzl)
+        return grads[0], (grads[1] if zl is not None else None), None, None, None, None, None, None, None, None
+
+
+def _reference_penalty(zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
+                       rho: float, margin: float, aggregation: str, ties: str) -> Tensor:
+    """What :class:`_NativePenalty` computes, from differentiable built-ins."""
+    ls = zh if zl is None else zl
+    n, _, w = zh.shape
+    padded = None if real_units is None else (torch.arange(w, device=zh.device) >= real_units[:, None]).unsqueeze(1)
+    hp_in, lp_in = _without_padded_units(zh, ls, padded)
+    if ties == "first":
+        hu, lu, hp, lp = zh.max(1).values, ls.min(1).values, hp_in.max(2).values, lp_in.min(2).values
+    else:
+        hu, lu, hp, lp = zh.amax(1), ls.amin(1), hp_in.amax(2), lp_in.amin(2)
+    s_u, s_p = combine_slacks(*_slacks(hu, lu, margin), rho), combine_slacks(*_slacks(hp, lp, margin), rho)
+    count = None
+    if padded is not None:
+        real = (~padded[:, 0]).to(zh.dtype)
+        s_u, count = s_u * real, real.sum(1)
+    a_u, a_p = aggregate(s_u, aggregation, count), aggregate(s_p, aggregation)
+    return torch.where(coef_u != 0, coef_u * a_u, 0.0) + torch.where(coef_p != 0, coef_p * a_p, 0.0)
+
+
+def _native_applies(z: Tensor, aggregation: str) -> bool:
+    """Whether :func:`native_separation_penalty` computes the penalty of ``z`` (cheap checks first)."""
+    return (
+        z.device.type == "cpu"
+        and z.dtype in (torch.float32, torch.float64)
+        and aggregation in native.AGGREGATIONS
+        and z.dim() >= 2
+        and z.numel() > 0
+        and not _transforms_active()
+        and not torch.compiler.is_compiling()
+        and native.available()
+    )
+
+
+def native_separation_penalty(
+    z: Tensor | Sequence[Tensor],
+    coef_u: Tensor,
+    coef_p: Tensor,
+    rho: float = 0.5,
+    margin: float = 1.0,
+    aggregation: str = "paper",
+    ties: str = "split",
+    conv_reduction: str = "channel",
+    real_units: Tensor | None = None,
+    sparse_grad: bool = False,
+    total: bool = False,
+) -> Tensor | None:
+    """``coef_u·g_U + coef_p·g_P`` of each stacked net, ``(nets,)`` (their sum with ``total``),
+    by the native CPU kernel of :mod:`alive.native`; ``None`` where it does not apply (another
+    device or dtype, the ``"norm"`` aggregation, ``"position"`` reduction of feature maps,
+    ``torch.func`` transforms, ``torch.compile``, no C compiler), and the caller falls back to
+    :func:`stacked_separation_penalty`.
+
+    The same values as the PyTorch path (to float rounding: sums run in double) and the same
+    gradients, ties included; a zero coefficient leaves its term out. ``z`` as in
+    :func:`stacked_separation_penalty`; ``coef_u`` / ``coef_p`` ``(nets,)`` of ``z``'s dtype;
+    ``real_units`` (int32 ``(nets,)``): each net's first units are real, the rest padding
+    (the grid engine), kept out of every term. Feature maps (``"channel"``) lose their
+    positions first, as in :class:`_PositionExtremes`.
+    """
+    layers = not isinstance(z, Tensor)
+    head = z[0] if layers else z
+    if not _native_applies(head, aggregation) or ties not in TIES:
+        return None
+    if head.dim() > (2 if layers else 3):
+        if conv_reduction == "position":
+            return None
+        zh, zl = _PositionExtremes.apply(layers, sparse_grad, *z) if layers else _PositionExtremes.apply(False, sparse_grad, z)
+    else:
+        zh, zl = torch.stack(list(z)) if layers else z, None
+    n, _, w = zh.shape
+    # the kernel reads these through raw pointers: wrong sizes must not reach it
+    if coef_u.shape != (n,) or coef_p.shape != (n,):
+        raise ValueError(f"coef_u and coef_p must have shape (nets,) = ({n},), got {tuple(coef_u.shape)} and {tuple(coef_p.shape)}")
+    if real_units is not None:
+        if real_units.shape != (n,) or real_units.dtype != torch.int32 or real_units.device != zh.device:
+            raise ValueError(f"real_units must be an int32 tensor of shape (nets,) = ({n},) on {zh.device}, "
+                             f"got {real_units.dtype} {tuple(real_units.shape)} on {real_units.device}")
+        low, high = real_units.aminmax()
+        if int(low) < 1 or int(high) > w:
+            raise ValueError(f"real_units must lie in [1, {w}] (the stack's units), got [{int(low)}, {int(high)}]")
+        real_units = real_units.contiguous()
+    return _NativePenalty.apply(zh, zl, coef_u.to(zh).contiguous(), coef_p.to(zh).contiguous(), real_units,
+                                rho, margin, aggregation, ties, total)
+
+
 def dense_separation_penalty(
     z: Tensor,
     coef_u: Tensor,
@@ -342,6 +464,7 @@ def dense_separation_penalty(
     aggregation: str = "paper",
     padded: Tensor | None = None,
     unit_weight: Tensor | None = None,
+    real_units: Tensor | None = None,
 ) -> Tensor:
     """λ_U·g_U + λ_P·g_P of one dense layer for each net of a stack ``(nets, points, units)``.
 
@@ -349,7 +472,9 @@ def dense_separation_penalty(
     every slack of the layer is formed and weighted in one pass over a ``(nets, units +
     points)`` tensor. ``coef_u`` / ``coef_p`` (``(nets,)``) are the per-net λ (0 switches a
     term off); ``padded`` (see :class:`_UnitPointExtremes`) masks padded units out of the points' extremes and
-    ``unit_weight`` (``(nets, units)``, 0 for padded units) out of the unit terms.
+    ``unit_weight`` (``(nets, units)``, 0 for padded units) out of the unit terms; with
+    ``real_units`` as well (int32 ``(nets,)``, the padding trailing) the native kernel of
+    :func:`native_separation_penalty` computes it where it applies.
     Aggregations: ``"paper"``, ``"squared_sum"``, ``"mean"`` (``"norm"`` is not separable:
     use :func:`stacked_separation_penalty`).
     """
@@ -357,6 +482,10 @@ def dense_separation_penalty(
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     if z.dim() != 3:
         raise ValueError(f"dense_separation_penalty takes stacked dense pre-activations (nets, points, units), got shape {tuple(z.shape)}")
+    if padded is None or real_units is not None:
+        g = native_separation_penalty(z, coef_u, coef_p, rho, margin, aggregation, "first", real_units=real_units)
+        if g is not None:
+            return g
     n, b, w = z.shape
     hi, lo = _extremes("first", padded, False, False, [z])
     s = _combined_slacks(hi, lo, margin, rho)

@@ -213,6 +213,7 @@ class GridStack(nn.Module):
             mask[i, :w] = 1
         self.register_buffer("unit_mask", mask)
         self.register_buffer("unit_mask_bool", mask.bool())
+        self.register_buffer("real_units", torch.tensor(self.widths, dtype=torch.int32))  # for the native penalty
         # Index-based extremes ("first") are about twice as fast on a CPU. They differ from the
         # single-network path ("split", TensorFlow's convention) only on exact ties, which dead
         # points create (points mapped to the same hidden vector) and zero initialisation makes
@@ -359,6 +360,7 @@ class GridStack(nn.Module):
                 self.cfg0.aggregation,
                 padded=per_layer(self.padded_fill[:n]) if self.padded else None,
                 unit_weight=per_layer(self.unit_mask[:n]) if self.padded else None,
+                real_units=per_layer(self.real_units[:n]) if self.padded else None,
             )
         else:
             g_u, g_p = stacked_separation_penalty(

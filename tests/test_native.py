@@ -1,0 +1,226 @@
+"""The native separation kernel (alive.native): the same values and gradients as the PyTorch
+path, its use by the constraint and the grid engine, and its build, cache and fallback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import alive
+from alive import native
+from alive.functional import _BIG, dense_separation_penalty, native_separation_penalty, stacked_separation_penalty
+from alive.models import MLP, RectCNN
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
+pytestmark = needs_native
+
+
+def pytorch_total(z, kind, rho, margin, aggregation, ties, conv_reduction="channel"):
+    g_u, g_p = stacked_separation_penalty(z, kind, rho, margin, aggregation, conv_reduction, ties=ties)
+    return sum(g.sum() for g in (g_u, g_p) if g is not None)
+
+
+def flags(kind, n, dtype):
+    return [torch.full((n,), float(k in kind), dtype=dtype) for k in "up"]
+
+
+def tolerances(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 9, 4), (3, 7, 3, 5, 4)], ids=["dense", "maps"])
+@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("aggregation", ["paper", "squared_sum", "mean"])
+@pytest.mark.parametrize("kind", ["up", "u", "p"])
+def test_native_penalty_equals_the_pytorch_path(dtype, shape, ties, aggregation, kind):
+    # integer values: many tied extremes, which split or first must treat as PyTorch does
+    z = torch.randn(shape, dtype=dtype) * (1.5 if len(shape) == 3 else 0.3)  # maps: extremes over positions too
+    z[:, :, 0] *= 0.2  # a unit whose hinges are active
+    z = z.round().requires_grad_()
+    ref = pytorch_total(z, kind, 0.3, 1.0, aggregation, ties)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    out = native_separation_penalty(z, *flags(kind, shape[0], dtype), 0.3, 1.0, aggregation, ties, total=True)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_NativePenaltyBackward"
+    (g,) = torch.autograd.grad(out, z)
+    torch.testing.assert_close(out, ref, **tolerances(dtype))
+    torch.testing.assert_close(g, g_ref, **tolerances(dtype))
+    assert g.abs().sum() > 0
+
+
+def test_layers_as_a_sequence_and_per_net_values():
+    zs = [torch.randn(11, 5, requires_grad=True) for _ in range(4)]
+    ones = torch.ones(4)
+    per_net = native_separation_penalty(zs, ones, ones)
+    g_u, g_p = stacked_separation_penalty(torch.stack(zs), "up")
+    torch.testing.assert_close(per_net, g_u + g_p)
+    per_net.sum().backward()
+    assert all(z.grad is not None and z.grad.shape == (11, 5) for z in zs)
+
+
+def test_a_zero_coefficient_leaves_a_non_finite_term_out():
+    z = torch.randn(2, 6, 3)
+    z[0, :, 0] = -torch.inf  # unit 0's max is -inf: its Sep-U slack is inf
+    out = native_separation_penalty(z, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(out[0])
+    assert torch.isinf(native_separation_penalty(z, torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]))[0])
+    # a net with both coefficients 0 (the grid's plain ReLU nets share stacks with Sep-* nets) is skipped
+    z = torch.randn(2, 6, 3)
+    z[0, 2, 1] = torch.nan
+    z.requires_grad_()
+    out = native_separation_penalty(z, torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+    out.sum().backward()
+    assert out[0] == 0 and torch.isfinite(out[1]) and not z.grad[0].any() and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("ties", ["split", "first"])
+def test_nan_pre_activations_give_a_nan_penalty_as_pytorch_does(ties):
+    z = torch.randn(3, 8, 4)
+    z[1, 5, 2] = torch.nan
+    ones = torch.ones(3)
+    out = native_separation_penalty(z, ones, ones, ties=ties)
+    ref_u, ref_p = stacked_separation_penalty(z, "up", ties=ties)
+    assert torch.isnan(out[1]) and torch.isnan(ref_u[1] + ref_p[1])
+    torch.testing.assert_close(out[[0, 2]], (ref_u + ref_p)[[0, 2]])
+
+
+@pytest.mark.parametrize("aggregation", ["paper", "squared_sum", "mean"])
+def test_padded_grid_stacks_equal_the_pytorch_fast_path(aggregation):
+    n, points, width = 7, 13, 5
+    real = torch.tensor([1, 2, 5, 3, 5, 4, 1], dtype=torch.int32)
+    mask = (torch.arange(width) < real[:, None]).float()
+    z = ((torch.randn(n, points, width) * 1.5).round() * mask[:, None]).requires_grad_()  # padded units are 0
+    cu, cp = torch.rand(n), torch.rand(n)
+    kw = dict(padded=(1 - mask).unsqueeze(1) * _BIG, unit_weight=mask, real_units=real)
+    out = dense_separation_penalty(z, cu, cp, 0.4, 1.0, aggregation, **kw)
+    assert type(out.grad_fn).__name__ == "_NativePenaltyBackward"
+    grad = torch.randn(n)
+    (g,) = torch.autograd.grad(out, z, grad)
+    with native.disabled():
+        ref = dense_separation_penalty(z, cu, cp, 0.4, 1.0, aggregation, **kw)
+        assert type(ref.grad_fn).__name__ != "_NativePenaltyBackward"
+        (g_ref,) = torch.autograd.grad(ref, z, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, g_ref)
+    assert (g * (1 - mask[:, None])).abs().sum() == 0  # padded units get nothing
+
+
+def test_second_order_gradients_equal_the_pytorch_path():
+    z = torch.randn(4, 9, 3, dtype=torch.float64, requires_grad=True)
+    ones = torch.ones(4, dtype=torch.float64)
+
+    def second(f):
+        (g,) = torch.autograd.grad(f(z), z, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), z)[0]
+
+    native_h = second(lambda t: native_separation_penalty(t, ones, ones, aggregation="squared_sum", total=True))
+    torch_h = second(lambda t: pytorch_total(t, "up", 0.5, 1.0, "squared_sum", "split"))
+    torch.testing.assert_close(native_h, torch_h)
+    assert native_h.abs().sum() > 0
+
+
+def test_the_constraint_uses_the_kernel_once_per_group_of_layers(monkeypatch):
+    calls = []
+    forward = native.separation_forward
+    monkeypatch.setattr(native, "separation_forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
+    torch.manual_seed(0)
+    net = MLP(2, 2, depth=6, width=3)
+    x = torch.randn(32, 2)
+    sep = alive.SeparationConstraint(net, kind="up", weight=0.1)
+    net(x)
+    value = sep.penalty()
+    assert calls == [(6, 32, 3)]  # every hidden layer has the shape (points, width)
+    with native.disabled():
+        net(x)
+        torch.testing.assert_close(sep.penalty(), value)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["up", "u", "p"])
+@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_constrained_models_get_the_same_gradients_with_and_without_the_kernel(kind, ties, model):
+    def gradients():
+        torch.manual_seed(3)
+        net = (MLP(2, 2, depth=5, width=3) if model == "mlp" else RectCNN(1, 3, 8, depth=2, width=3)).double()
+        x = torch.randn((24, 2) if model == "mlp" else (5, 1, 8, 8), dtype=torch.float64).round()
+        sep = alive.SeparationConstraint(net, kind=kind, weight=0.5, ties=ties, rho=0.3)
+        net(x)
+        sep.penalty().backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in net.parameters()]
+
+    fast = gradients()
+    with native.disabled():
+        slow = gradients()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert sum(float(g.abs().sum()) for g in fast) > 0
+
+
+def test_it_does_not_apply_where_it_cannot_and_the_caller_falls_back():
+    ones = torch.ones(2)
+    assert native_separation_penalty(torch.randn(2, 5, 3).half(), ones, ones) is None
+    assert native_separation_penalty(torch.randn(2, 5, 3), ones, ones, aggregation="norm") is None
+    assert native_separation_penalty(torch.randn(2, 5, 3, 4, 4), ones, ones, conv_reduction="position") is None
+    assert native_separation_penalty(torch.randn(2, 0, 3), ones, ones) is None
+    with native.disabled():
+        assert native_separation_penalty(torch.randn(2, 5, 3), ones, ones) is None
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).half()
+    sep = alive.SeparationConstraint(net, kind="up")
+    net(torch.randn(4, 2).half())
+    assert sep.penalty().dtype == torch.float16
+
+
+def test_sizes_that_the_kernel_would_read_out_of_bounds_are_refused():
+    z = torch.randn(3, 5, 4)
+    with pytest.raises(ValueError, match=r"coef_u and coef_p must have shape \(nets,\) = \(3,\)"):
+        native_separation_penalty(z, torch.ones(2), torch.ones(3))
+    with pytest.raises(ValueError, match=r"real_units must lie in \[1, 4\]"):
+        native_separation_penalty(z, torch.ones(3), torch.ones(3), real_units=torch.tensor([1, 5, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="real_units must be an int32 tensor"):
+        native_separation_penalty(z, torch.ones(3), torch.ones(3), real_units=torch.tensor([1, 2, 3]))
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+PROBE = """
+import torch, alive
+from alive import native
+net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+sep = alive.SeparationConstraint(net, kind="up")
+net(torch.randn(8, 2))
+sep.penalty().backward()
+print("available", native.available())
+"""
+
+
+def test_without_a_compiler_a_warning_says_so_once_and_training_goes_on(tmp_path):
+    done = run_python(PROBE + "net(torch.randn(8, 2)); sep.penalty()\n", CC="false", ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
+    assert done.returncode == 0, done.stderr
+    assert "available False" in done.stdout
+    assert done.stderr.count("the native separation kernel is not available") == 1
+    assert "Set CC to a C compiler" in done.stderr and "ALIVE_CACHE" in done.stderr
+
+
+def test_alive_native_0_turns_it_off_quietly_and_a_bad_value_is_refused(tmp_path):
+    done = run_python(PROBE, ALIVE_NATIVE="0", ALIVE_CACHE=str(tmp_path))
+    assert done.returncode == 0 and "available False" in done.stdout and "not available" not in done.stderr
+    assert not any(tmp_path.iterdir())
+    done = run_python(PROBE, ALIVE_NATIVE="maybe", ALIVE_CACHE=str(tmp_path))
+    assert done.returncode != 0 and "ALIVE_NATIVE must be 0 or 1, got 'maybe'" in done.stderr
+
+
+def test_the_build_is_cached_per_source_and_reused(tmp_path):
+    done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
+    assert done.returncode == 0 and "available True" in done.stdout, done.stderr
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("separation-")
+    stamp = built[0].stat().st_mtime_ns
+    done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
+    assert "available True" in done.stdout
+    assert list((tmp_path / "native").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
