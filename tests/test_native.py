@@ -76,14 +76,19 @@ def test_a_zero_coefficient_leaves_a_non_finite_term_out():
 
 
 @pytest.mark.parametrize("ties", ["split", "first"])
-def test_nan_pre_activations_give_a_nan_penalty_as_pytorch_does(ties):
-    z = torch.randn(3, 8, 4)
+def test_nan_pre_activations_give_the_pytorch_path_nan_penalty_and_gradient(ties):
+    z = torch.randn(3, 8, 4) * 0.5
     z[1, 5, 2] = torch.nan
+    z.requires_grad_()
     ones = torch.ones(3)
     out = native_separation_penalty(z, ones, ones, ties=ties)
+    (g,) = torch.autograd.grad(out.sum(), z)
     ref_u, ref_p = stacked_separation_penalty(z, "up", ties=ties)
+    (g_ref,) = torch.autograd.grad((ref_u + ref_p).sum(), z)
     assert torch.isnan(out[1]) and torch.isnan(ref_u[1] + ref_p[1])
     torch.testing.assert_close(out[[0, 2]], (ref_u + ref_p)[[0, 2]])
+    torch.testing.assert_close(g, g_ref, equal_nan=True)
+    assert torch.isnan(g[1]).any() == (ties == "split")  # "first" gives the NaN's own position the gradient
 
 
 @pytest.mark.parametrize("aggregation", ["paper", "squared_sum", "mean"])
@@ -107,12 +112,14 @@ def test_padded_grid_stacks_equal_the_pytorch_fast_path(aggregation):
     assert (g * (1 - mask[:, None])).abs().sum() == 0  # padded units get nothing
 
 
-def test_second_order_gradients_equal_the_pytorch_path():
-    z = torch.randn(4, 9, 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed view"])
+def test_second_order_gradients_equal_the_pytorch_path(strided):
+    z = torch.randn(4, 3, 9, dtype=torch.float64, requires_grad=True)
     ones = torch.ones(4, dtype=torch.float64)
 
     def second(f):
-        (g,) = torch.autograd.grad(f(z), z, create_graph=True)
+        t = z.transpose(1, 2) if strided else z.reshape(4, 9, 3)  # the kernel reads a copy of a strided view
+        (g,) = torch.autograd.grad(f(t), z, create_graph=True)
         return torch.autograd.grad(g.square().sum(), z)[0]
 
     native_h = second(lambda t: native_separation_penalty(t, ones, ones, aggregation="squared_sum", total=True))
@@ -173,6 +180,40 @@ def test_it_does_not_apply_where_it_cannot_and_the_caller_falls_back():
     assert sep.penalty().dtype == torch.float16
 
 
+def test_unit_weights_without_real_units_and_differentiable_coefficients_take_the_pytorch_path():
+    z = torch.randn(2, 6, 3)
+    weight = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    cu = torch.tensor([1.0, 0.5], requires_grad=True)
+    out = dense_separation_penalty(z, cu, torch.ones(2), unit_weight=weight)
+    with native.disabled():
+        torch.testing.assert_close(out, dense_separation_penalty(z, cu, torch.ones(2), unit_weight=weight))
+    assert native_separation_penalty(z, cu, torch.ones(2)) is None
+    (g,) = torch.autograd.grad(out.sum(), cu)
+    assert g.abs().sum() > 0
+
+
+def test_a_changed_kind_changes_the_penalty():
+    net = MLP(2, 2, depth=3, width=3)
+    x = torch.randn(16, 2)
+    sep = alive.SeparationConstraint(net, kind="up")
+    net(x)
+    both = sep.penalty()
+    sep.kind = "u"
+    with native.disabled():
+        only_u = sep.penalty()
+    torch.testing.assert_close(sep.penalty(), only_u)
+    assert not torch.isclose(only_u, both)
+
+
+def test_a_backward_inside_disabled_finishes_what_the_kernel_started():
+    z = torch.randn(3, 7, 4, requires_grad=True)
+    out = native_separation_penalty(z, torch.ones(3), torch.ones(3), total=True)
+    with native.disabled():
+        assert not native.available()
+        out.backward()
+    assert native.available() and z.grad.abs().sum() > 0
+
+
 def test_sizes_that_the_kernel_would_read_out_of_bounds_are_refused():
     z = torch.randn(3, 5, 4)
     with pytest.raises(ValueError, match=r"coef_u and coef_p must have shape \(nets,\) = \(3,\)"):
@@ -213,6 +254,18 @@ def test_alive_native_0_turns_it_off_quietly_and_a_bad_value_is_refused(tmp_path
     assert not any(tmp_path.iterdir())
     done = run_python(PROBE, ALIVE_NATIVE="maybe", ALIVE_CACHE=str(tmp_path))
     assert done.returncode != 0 and "ALIVE_NATIVE must be 0 or 1, got 'maybe'" in done.stderr
+
+
+def test_a_damaged_cached_library_is_built_again_and_an_empty_build_is_refused(tmp_path):
+    done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
+    (built,) = (tmp_path / "native").iterdir()
+    built.write_bytes(b"cut short")
+    done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
+    assert "available True" in done.stdout and "not available" not in done.stderr, done.stderr
+    assert built.stat().st_size > 1000
+    done = run_python(PROBE, CC="true", ALIVE_CACHE=str(tmp_path / "other"), ALIVE_NATIVE="1")  # exits 0, writes nothing
+    assert "available False" in done.stdout and "true wrote no library" in done.stderr
+    assert not list((tmp_path / "other" / "native").iterdir())
 
 
 def test_the_build_is_cached_per_source_and_reused(tmp_path):

@@ -207,7 +207,7 @@ class SeparationConstraint:
         self._densified: list[bool] = []  # captured through the identity that takes a sparse gradient
         self._output_at: int | None = None  # captures made before the presumed output layer last ran
         self._warned = False
-        self._coefs: dict[tuple, tuple[Tensor, Tensor]] = {}  # (layers, dtype) -> the native kernel's (λ_U, λ_P) flags
+        self._coefs: dict[tuple, tuple[Tensor, Tensor]] = {}  # (layers, dtype, kind) -> the native kernel's (λ_U, λ_P) flags
         self._handles = [model.register_forward_pre_hook(self._reset)]
         self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
         if layers is None and not include_output:
@@ -263,7 +263,7 @@ class SeparationConstraint:
         ``retain_grad``, tensor hooks) are ordinary dense tensors."""
         return list(self._raw)
 
-    def _groups(self) -> list[list[int]]:
+    def _groups(self, stacklevel: int = 3) -> list[list[int]]:
         """The captured layers by shape (checked first): layers of one shape are penalised
         together in one pass (a deep thin net costs a handful of operations, not a handful per
         layer)."""
@@ -284,7 +284,7 @@ class SeparationConstraint:
                 f"{type(self._output_layer).__name__} layer {self._output_layer}, left unconstrained as the output "
                 "layer (the last Linear/Conv registered in the model), ran before constrained layers in this "
                 "forward pass; if it is not the output layer, choose the layers with layers= (or include_output=True)",
-                stacklevel=3)
+                stacklevel=stacklevel)
         groups: dict[tuple, list[int]] = {}
         for i, z in enumerate(captured):
             groups.setdefault((z.shape, z.dtype, z.device), []).append(i)
@@ -308,13 +308,13 @@ class SeparationConstraint:
     def _stacked_terms(self) -> list[tuple[list[int], Tensor | None, Tensor | None]]:
         """``(layer indices, g_U, g_P)`` of each group of same-shaped layers."""
         sync = _distributed()
-        return [(idx, *self._terms(idx, sync)) for idx in self._groups()]
+        return [(idx, *self._terms(idx, sync)) for idx in self._groups(stacklevel=4)]
 
     def _native_total(self, idx: list[int]) -> Tensor | None:
         """g_U + g_P summed over the layers ``idx`` by the native kernel, or ``None`` where it
         does not apply (see :func:`alive.functional.native_separation_penalty`)."""
         zs = [self._captured[i] for i in idx]
-        key = (len(zs), zs[0].dtype)
+        key = (len(zs), zs[0].dtype, self.kind)
         cache = self.__dict__.setdefault("_coefs", {})  # (a constraint unpickled from an older version has none)
         coefs = cache.get(key)
         if coefs is None:  # made once: a new tensor per call is a real share of a thin net's step

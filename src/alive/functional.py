@@ -344,28 +344,27 @@ class _NativePenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
                 rho: float, margin: float, aggregation: str, ties: str, total: bool) -> Tensor:
-        zh = zh.contiguous()
-        zl = None if zl is None else zl.contiguous()
-        out, ext, idx = native.separation_forward(zh, zh if zl is None else zl, coef_u, coef_p, real_units,
-                                                  rho, margin, aggregation, ties == "first")
-        ctx.save_for_backward(zh, zl, coef_u, coef_p, real_units, ext, idx)
+        h = zh.contiguous()  # the same tensor unless zh is a strided view (a copy the kernel can read)
+        l = h if zl is None else zl.contiguous()
+        out, ext, idx = native.separation_forward(h, l, coef_u, coef_p, real_units, rho, margin, aggregation, ties == "first")
+        # the inputs themselves too: a double backward differentiates them, not their copies
+        ctx.save_for_backward(zh, zl, h, None if zl is None else l, coef_u, coef_p, real_units, ext, idx)
         ctx.options = rho, margin, aggregation, ties, total
         return out.sum() if total else out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        zh, zl, coef_u, coef_p, real_units, ext, idx = ctx.saved_tensors
+        zh, zl, h, l, coef_u, coef_p, real_units, ext, idx = ctx.saved_tensors
         rho, margin, aggregation, ties, total = ctx.options
-        grad = (grad.expand(zh.shape[0]) if total else grad).contiguous()
+        grad = (grad.expand(zh.shape[0]) if total else grad).to(h.dtype).contiguous()
         inputs = (zh,) if zl is None else (zh, zl)
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiate the built-ins
             out = _reference_penalty(zh, zl, coef_u, coef_p, real_units, rho, margin, aggregation, ties)
             grads = torch.autograd.grad(out, inputs, grad, create_graph=True, allow_unused=True)
             grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
         else:
-            dzh, dzl = native.separation_backward(zh, zh if zl is None else zl, coef_u, coef_p, real_units,
-                                                  rho, margin, aggregation, ext, idx, grad)
-            grads = (dzh,) if zl is None else (dzh, dzl)
+            grads = native.separation_backward(h, h if l is None else l, coef_u, coef_p, real_units,
+                                               rho, margin, aggregation, ext, idx, grad)
         return grads[0], (grads[1] if zl is not None else None), None, None, None, None, None, None, None, None
 
 
@@ -423,15 +422,17 @@ def native_separation_penalty(
     :func:`stacked_separation_penalty`.
 
     The same values as the PyTorch path (to float rounding: sums run in double) and the same
-    gradients, ties included; a zero coefficient leaves its term out. ``z`` as in
-    :func:`stacked_separation_penalty`; ``coef_u`` / ``coef_p`` ``(nets,)`` of ``z``'s dtype;
+    gradients, tied and NaN extremes included, with respect to ``z`` (coefficients that
+    require a gradient take the PyTorch path). A zero coefficient leaves its term out (the
+    PyTorch path multiplies it by 0, NaN for a non-finite term: a net whose loss is not finite
+    either). ``z`` as in :func:`stacked_separation_penalty`; ``coef_u`` / ``coef_p`` ``(nets,)``;
     ``real_units`` (int32 ``(nets,)``): each net's first units are real, the rest padding
     (the grid engine), kept out of every term. Feature maps (``"channel"``) lose their
     positions first, as in :class:`_PositionExtremes`.
     """
     layers = not isinstance(z, Tensor)
     head = z[0] if layers else z
-    if not _native_applies(head, aggregation) or ties not in TIES:
+    if not _native_applies(head, aggregation) or ties not in TIES or coef_u.requires_grad or coef_p.requires_grad:
         return None
     if head.dim() > (2 if layers else 3):
         if conv_reduction == "position":
@@ -472,9 +473,10 @@ def dense_separation_penalty(
     every slack of the layer is formed and weighted in one pass over a ``(nets, units +
     points)`` tensor. ``coef_u`` / ``coef_p`` (``(nets,)``) are the per-net λ (0 switches a
     term off); ``padded`` (see :class:`_UnitPointExtremes`) masks padded units out of the points' extremes and
-    ``unit_weight`` (``(nets, units)``, 0 for padded units) out of the unit terms; with
-    ``real_units`` as well (int32 ``(nets,)``, the padding trailing) the native kernel of
-    :func:`native_separation_penalty` computes it where it applies.
+    ``unit_weight`` (``(nets, units)``, 0 for padded units) out of the unit terms. The native
+    kernel of :func:`native_separation_penalty` computes it where it applies, when nothing is
+    padded or when ``real_units`` (int32 ``(nets,)``, trailing padding) says the same as
+    ``padded`` and ``unit_weight`` do.
     Aggregations: ``"paper"``, ``"squared_sum"``, ``"mean"`` (``"norm"`` is not separable:
     use :func:`stacked_separation_penalty`).
     """
@@ -482,7 +484,7 @@ def dense_separation_penalty(
         raise ValueError(f"dense_separation_penalty supports paper, squared_sum and mean, not {aggregation!r}")
     if z.dim() != 3:
         raise ValueError(f"dense_separation_penalty takes stacked dense pre-activations (nets, points, units), got shape {tuple(z.shape)}")
-    if padded is None or real_units is not None:
+    if real_units is not None or (padded is None and unit_weight is None):
         g = native_separation_penalty(z, coef_u, coef_p, rho, margin, aggregation, "first", real_units=real_units)
         if g is not None:
             return g

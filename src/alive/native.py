@@ -12,7 +12,8 @@ Environment:
 
 * ``ALIVE_NATIVE=0`` turns the kernels off (the PyTorch path, bit for bit the earlier results);
 * ``CC`` names the compiler (default ``cc``);
-* ``ALIVE_CACHE`` the cache folder (default ``$XDG_CACHE_HOME/alive`` or ``~/.cache/alive``).
+* ``ALIVE_CACHE`` the cache folder (default ``$XDG_CACHE_HOME/alive`` or ``~/.cache/alive``):
+  one that only you can write, as the library found there is loaded.
 
 Without a compiler (or when the build fails) a warning says so once and everything still
 works, through PyTorch operations.
@@ -47,6 +48,7 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
+_suspended = False  # inside disabled()
 
 
 def _cache_dir() -> Path:
@@ -62,27 +64,42 @@ def _disabled() -> bool:
     return value in ("0", "false", "off", "no")
 
 
-def _build(compiler: list[str]) -> Path:
-    """The shared library for this source, compiler and machine, built unless cached."""
+def _target(compiler: list[str]) -> Path:
+    """Where the library for these sources, this compiler and this machine is cached."""
     sources = [f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".c", ".h")]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(compiler + list(FLAGS)).encode(),
                                      platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"separation-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
-    if target.exists():
-        return target
+    return _cache_dir() / f"separation-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
+
+
+def _build(compiler: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # a private name, then an atomic rename: worker processes may build at the same time
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".separation-", suffix=target.suffix)
     os.close(fd)
     try:
-        done = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              errors="replace", timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-2000:]}")
+        if os.path.getsize(tmp) == 0:
+            raise RuntimeError(f"{' '.join(compiler)} wrote no library")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+
+
+def _load(compiler: list[str]) -> ctypes.CDLL:
+    """The cached library, built first if missing; one that does not load is built again."""
+    target = _target(compiler)
+    if target.exists():
+        try:
+            return _bind(ctypes.CDLL(str(target)))
+        except (OSError, AttributeError):  # a damaged file (e.g. a copy cut short): replace it
+            target.unlink(missing_ok=True)
+    _build(compiler, target)
+    return _bind(ctypes.CDLL(str(target)))
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -104,10 +121,9 @@ def library() -> ctypes.CDLL | None:
         if _tried:
             return _library
         if not _disabled():
-            compiler = shlex.split(os.environ.get("CC") or "cc")
             try:
-                _library = _bind(ctypes.CDLL(str(_build(compiler))))
-            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
+                _library = _load(shlex.split(os.environ.get("CC") or "cc"))
+            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as err:
                 log.warning("alive: the native separation kernel is not available (%s); the penalty uses "
                             "PyTorch operations, which are slower on thin networks. Set CC to a C compiler "
                             "(or ALIVE_CACHE to a writable folder), or ALIVE_NATIVE=0 to silence this.", err)
@@ -116,20 +132,27 @@ def library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the native kernels can be used (builds them on the first call)."""
-    return library() is not None
+    """Whether the native kernels are used (builds them on the first call)."""
+    return not _suspended and library() is not None
 
 
 @contextlib.contextmanager
 def disabled():
-    """Within the block every caller takes the PyTorch path (side-by-side comparisons, tests)."""
-    global _library
-    saved = library()
-    _library = None
+    """Within the block no new computation uses the kernels (side-by-side comparisons, tests);
+    a backward pass of one made before still can."""
+    global _suspended
+    before, _suspended = _suspended, True
     try:
         yield
     finally:
-        _library = saved
+        _suspended = before
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native separation kernel is not available (see alive.native.available())")
+    return lib
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -148,7 +171,7 @@ def separation_forward(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, r
     ext = zh.new_empty(n, E)
     idx = torch.empty(n, E, dtype=torch.int32) if first else None
     out = zh.new_empty(n)
-    fn = getattr(library(), f"sep_forward_{_SUFFIX[zh.dtype]}")
+    fn = getattr(_loaded(), f"sep_forward_{_SUFFIX[zh.dtype]}")
     if fn(zh.data_ptr(), zl.data_ptr(), n, P, U, _ptr(real_units), coef_u.data_ptr(), coef_p.data_ptr(),
           rho, margin, AGGREGATIONS[aggregation], ext.data_ptr(), _ptr(idx), out.data_ptr()):
         raise MemoryError("the native separation kernel could not allocate its work buffer")
@@ -163,7 +186,7 @@ def separation_backward(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, 
     n, P, U = zh.shape
     dzh = torch.empty_like(zh)
     dzl = dzh if zl is zh else torch.empty_like(zl)
-    fn = getattr(library(), f"sep_backward_{_SUFFIX[zh.dtype]}")
+    fn = getattr(_loaded(), f"sep_backward_{_SUFFIX[zh.dtype]}")
     if fn(zh.data_ptr(), zl.data_ptr(), n, P, U, _ptr(real_units), coef_u.data_ptr(), coef_p.data_ptr(),
           rho, margin, AGGREGATIONS[aggregation], ext.data_ptr(), _ptr(idx), grad.data_ptr(),
           dzh.data_ptr(), dzl.data_ptr()):

@@ -4,11 +4,13 @@
  * alive/functional.py compute the same values and are the reference in the tests. A layer
  * `k` of the stack is a (P points, U units) row-major block whose first R_k units are real
  * (the grid engine pads narrower networks); each block is transposed into a work buffer, so
- * every loop of separation_body.h runs over the points, contiguously, which a compiler vectorises: thin
- * layers have a handful of units, and loops over them cost more than the arithmetic.
+ * that the reductions and the spreading of gradients run over the points, contiguously, which
+ * a compiler vectorises: thin layers have a handful of units, and loops over them cost more
+ * than the arithmetic.
  *
- * Compiled once per source version with `cc -O3 -std=c99`; nothing here needs more. Each
- * function exists for float (_f32) and double (_f64): separation_body.h is included twice.
+ * Compiled once per source version with `$CC -O3 -std=c99` (CC defaults to cc); nothing here
+ * needs more. Each function exists for float (_f32) and double (_f64): separation_body.h is
+ * included twice.
  */
 #include <stdint.h>
 #include <stdlib.h>

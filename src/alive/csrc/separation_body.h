@@ -143,7 +143,10 @@ static void F(spread)(const T *restrict zt, int64_t P, int64_t R, const T *restr
             for (int64_t p = 0; p < P; p++) ties += c[p] == e;
             T s = gu[u] / (T)ties;
             T *restrict d = dt + u * P;
-            for (int64_t p = 0; p < P; p++) d[p] += c[p] == e ? s : (T)0;
+            if (ties == 0)  /* a NaN extreme: no entry equals it, and the PyTorch path's 0·(g/0) is NaN */
+                for (int64_t p = 0; p < P; p++) d[p] += (T)0 * s;
+            else  /* (a product with the tie mask is not vectorised here) */
+                for (int64_t p = 0; p < P; p++) d[p] += c[p] == e ? s : (T)0;
         }
     if (any_p) {
         for (int64_t p = 0; p < P; p++) m[p] = 0;
