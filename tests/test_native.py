@@ -172,6 +172,8 @@ def test_it_does_not_apply_where_it_cannot_and_the_caller_falls_back():
     assert native_separation_penalty(torch.randn(2, 5, 3), ones, ones, aggregation="norm") is None
     assert native_separation_penalty(torch.randn(2, 5, 3, 4, 4), ones, ones, conv_reduction="position") is None
     assert native_separation_penalty(torch.randn(2, 0, 3), ones, ones) is None
+    assert native_separation_penalty(torch.randn(2, 5), ones, ones) is None  # not a stack
+    assert native_separation_penalty([torch.randn(5, 3), torch.randn(4, 3)], ones, ones) is None
     with native.disabled():
         assert native_separation_penalty(torch.randn(2, 5, 3), ones, ones) is None
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).half()

@@ -434,6 +434,8 @@ def native_separation_penalty(
     head = z[0] if layers else z
     if not _native_applies(head, aggregation) or ties not in TIES or coef_u.requires_grad or coef_p.requires_grad:
         return None
+    if (layers and any(t.shape != head.shape for t in z)) or (not layers and head.dim() < 3):
+        return None  # the PyTorch path says what is wrong
     if head.dim() > (2 if layers else 3):
         if conv_reduction == "position":
             return None
