@@ -141,7 +141,8 @@ class SeparationConstraint:
     modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
     would turn them into activations): :meth:`penalty` refuses such a forward pass. On a CPU,
     feature maps pass through an identity (same values and memory) that lets the penalty's
-    gradient arrive as a sparse tensor. Under data-parallel
+    gradient arrive as a sparse tensor. On a CPU (float32/float64) :meth:`penalty` is computed
+    by the native kernel of :mod:`alive.native` where it applies. Under data-parallel
     training (``torch.distributed`` initialised) the extremes over points are taken over the
     global batch, so the penalty equals the single-process one (to float rounding).
 

@@ -7,7 +7,9 @@
 
 Both the single-network hooks of :class:`alive.constraints.SeparationConstraint` and the
 batched grid engine (:mod:`alive.grid`) call :func:`stacked_separation_penalty`, so the
-formulas live in exactly one place.
+formulas live in one place. On a CPU both first try :func:`native_separation_penalty`, the
+same formulas in C (:mod:`alive.native`), which the tests hold to this module's values and
+gradients.
 """
 from __future__ import annotations
 
