@@ -376,11 +376,7 @@ def _reference_penalty(zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Te
     ls = zh if zl is None else zl
     n, _, w = zh.shape
     padded = None if real_units is None else (torch.arange(w, device=zh.device) >= real_units[:, None]).unsqueeze(1)
-    hp_in, lp_in = _without_padded_units(zh, ls, padded)
-    if ties == "first":
-        hu, lu, hp, lp = zh.max(1).values, ls.min(1).values, hp_in.max(2).values, lp_in.min(2).values
-    else:
-        hu, lu, hp, lp = zh.amax(1), ls.amin(1), hp_in.amax(2), lp_in.amin(2)
+    hu, lu, hp, lp = _builtin_unit_point_extremes(ties, padded, zh, ls)
     s_u, s_p = combine_slacks(*_slacks(hu, lu, margin), rho), combine_slacks(*_slacks(hp, lp, margin), rho)
     count = None
     if padded is not None:
@@ -436,14 +432,18 @@ def native_separation_penalty(
     head = z[0] if layers else z
     if not _native_applies(head, aggregation) or ties not in TIES or coef_u.requires_grad or coef_p.requires_grad:
         return None
-    if (layers and any(t.shape != head.shape for t in z)) or (not layers and head.dim() < 3):
+    if not layers and head.dim() < 3:
+        return None  # not a stack: the PyTorch path says what is wrong
+    maps = head.dim() > (2 if layers else 3)
+    if maps and conv_reduction == "position":
+        return None
+    try:  # unequal layers fail to stack (rare: no check of each shape on every call)
+        if maps:
+            zh, zl = _PositionExtremes.apply(layers, sparse_grad, *(z if layers else [z]))
+        else:
+            zh, zl = torch.stack(list(z)) if layers else z, None
+    except RuntimeError:
         return None  # the PyTorch path says what is wrong
-    if head.dim() > (2 if layers else 3):
-        if conv_reduction == "position":
-            return None
-        zh, zl = _PositionExtremes.apply(layers, sparse_grad, *z) if layers else _PositionExtremes.apply(False, sparse_grad, z)
-    else:
-        zh, zl = torch.stack(list(z)) if layers else z, None
     n, _, w = zh.shape
     # the kernel reads these through raw pointers: wrong sizes must not reach it
     if coef_u.shape != (n,) or coef_p.shape != (n,):
@@ -594,12 +594,16 @@ def _composite_extremes(ties: str, padded: Tensor | None, layers: bool, zs: list
         hs, ls = z.amax(positions), z.amin(positions)
     else:
         hs = ls = z
+    hu, lu, hp, lp = _builtin_unit_point_extremes(ties, padded, hs, ls)
+    return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
+
+
+def _builtin_unit_point_extremes(ties: str, padded: Tensor | None, hs: Tensor, ls: Tensor):
+    """``(hu, lu, hp, lp)`` of :class:`_UnitPointExtremes` from differentiable built-ins."""
     hp_in, lp_in = _without_padded_units(hs, ls, padded)
     if ties == "first":
-        hu, lu, hp, lp = hs.max(1).values, ls.min(1).values, hp_in.max(2).values, lp_in.min(2).values
-    else:
-        hu, lu, hp, lp = hs.amax(1), ls.amin(1), hp_in.amax(2), lp_in.amin(2)
-    return torch.cat((hu, hp), 1), torch.cat((lu, lp), 1)
+        return hs.max(1).values, ls.min(1).values, hp_in.max(2).values, lp_in.min(2).values
+    return hs.amax(1), ls.amin(1), hp_in.amax(2), lp_in.amin(2)
 
 
 def _position_extremes(z: Tensor, want_u: bool, want_p: bool, unit_mask: Tensor | None):

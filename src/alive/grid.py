@@ -93,22 +93,33 @@ def _cost(cfg: RunConfig, batch: int) -> float:
     return cfg.depth * cfg.width * batch * spatial * (9.0 if cfg.model == "mlp" else 8.0)
 
 
-def _width_buckets(members: Sequence[RunConfig], overhead: float) -> list[list[RunConfig]]:
-    """Split one group by width so that padding waste and per-stack overhead balance.
+def _layer_overhead(device) -> float:
+    """The fixed cost of a layer step in :func:`_stack_cost`'s units (operation dispatch)."""
+    # chosen by timing partitions of the paper MOONS grid on this project's 2-core CPU: widths
+    # 1-5 | 10, 15 | 20, 25 without BN (316-318 ms per epoch, against 336-337 for 1-5 | 10-25 and
+    # 337 for 1-3 | 4, 5 | 10, 15 | 20, 25) and 1-5 | 10-25 with BN (133 ms, against 137-139 for
+    # one stack); launches dominate on a GPU
+    return 2e6 if resolve_device(device).type == "cpu" else 1e8
 
-    A stack costs about ``overhead`` per layer (operation dispatch) plus, per network layer and
+
+def _stack_cost(nets: Sequence[RunConfig], overhead: float) -> float:
+    """The cost of one epoch of a stack: ``overhead`` per layer plus, per network layer and
     point, ``w² + 25·w`` for its padded width ``w`` (the batched matmuls grow with ``w²``, the
-    element-wise work with ``w``); a dynamic programme over the sorted distinct widths picks
-    the cheapest partition into contiguous width ranges.
-    """
+    element-wise work with ``w``)."""
+    points = nets[0].batch_size or (nets[0].moons_n if nets[0].dataset == "moons" else 60000)
+    w = max(c.width for c in nets)
+    return overhead * max(c.depth for c in nets) + (w * w + 25 * w) * points * sum(c.depth for c in nets)
+
+
+def _width_buckets(members: Sequence[RunConfig], overhead: float) -> list[list[RunConfig]]:
+    """Split one group by width so that padding waste and per-stack overhead balance: a
+    dynamic programme over the sorted distinct widths picks the partition into contiguous width
+    ranges of the least :func:`_stack_cost`."""
     widths = sorted({c.width for c in members})
     by_width = {w: [c for c in members if c.width == w] for w in widths}
 
     def cost(ws: list[int]) -> float:
-        nets = [c for w in ws for c in by_width[w]]
-        points = nets[0].batch_size or (nets[0].moons_n if nets[0].dataset == "moons" else 60000)
-        w = max(ws)
-        return overhead * max(c.depth for c in nets) + (w * w + 25 * w) * points * sum(c.depth for c in nets)
+        return _stack_cost([c for w in ws for c in by_width[w]], overhead)
 
     best = [0.0] + [math.inf] * len(widths)
     cut = [0] * (len(widths) + 1)
@@ -134,11 +145,7 @@ def group_configs(configs: Sequence[RunConfig], memory_gb: float | None = None, 
     if memory_gb is None:
         memory_gb = float(os.environ.get("ALIVE_GRID_MEMORY_GB", "3"))
     budget = memory_gb * 1e9 / 4
-    # fixed cost of a layer step, chosen by timing partitions of the paper MOONS grid on this
-    # project's 2-core CPU: widths 1-5 | 10, 15 | 20, 25 without BN (316-318 ms per epoch, against
-    # 336-337 for 1-5 | 10-25 and 337 for 1-3 | 4, 5 | 10, 15 | 20, 25) and 1-5 | 10-25 with BN
-    # (133 ms, against 137-139 for one stack); launches dominate on a GPU
-    overhead = 2e6 if resolve_device(device).type == "cpu" else 1e8
+    overhead = _layer_overhead(device)
     groups: dict[tuple, list[RunConfig]] = defaultdict(list)
     for c in configs:
         if not can_batch(c):
@@ -710,13 +717,15 @@ def train_groups(groups: Sequence[Sequence[RunConfig]], device=None, progress: s
     ``workers > 1`` trains that many groups at once in worker processes that share the CPU
     threads (:mod:`alive.workers`: on this project's 2-core CPU two workers of one thread train
     the paper MOONS grid 1.18-1.20x faster than one process of two threads, ``bench/grid.py``).
-    Groups then start largest first, so the last to start are short, and each worker holds
-    its own groups in memory (``ALIVE_GRID_MEMORY_GB`` per group).
+    Groups then start largest first (by :func:`_stack_cost` × epochs), so the last to start
+    are short, and each worker holds its own groups in memory (``ALIVE_GRID_MEMORY_GB`` per
+    group).
     """
     check_workers(workers)
     groups = [list(g) for g in groups]
     if workers > 1:
-        groups.sort(key=_work, reverse=True)
+        overhead = _layer_overhead(device)
+        groups.sort(key=lambda g: g[0].epochs * _stack_cost(g, overhead), reverse=True)
     return in_workers(_train_and_store, [(g, device, progress, store) for g in groups], workers, what="grid group")
 
 
@@ -726,12 +735,6 @@ def _train_and_store(group: list[RunConfig], device, progress: str, store) -> li
         for rec in records:
             store.put(rec)
     return records
-
-
-def _work(group: Sequence[RunConfig]) -> float:
-    """A group's training work, for ordering: epochs × Σ depth × padded width²."""
-    wm = max(c.width for c in group)
-    return group[0].epochs * sum(c.depth for c in group) * wm * wm
 
 
 def _flatten_parameters(module: nn.Module) -> nn.Parameter:

@@ -57,7 +57,7 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _disabled() -> bool:
+def _off_by_environment() -> bool:
     value = os.environ.get("ALIVE_NATIVE", "1").strip().lower()
     if value not in ("0", "1", "false", "true", "off", "on", "no", "yes", ""):
         raise ValueError(f"ALIVE_NATIVE must be 0 or 1, got {value!r}")
@@ -120,7 +120,7 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if _tried:
             return _library
-        if not _disabled():
+        if not _off_by_environment():
             try:
                 _library = _load(shlex.split(os.environ.get("CC") or "cc"))
             except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as err:
