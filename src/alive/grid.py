@@ -20,7 +20,13 @@ optimiser, epochs, activation, BatchNorm or not) lives in one stack of tensors:
 * per-operation cost is what a CPU pays for hundreds of small networks, so consecutive layers
   run by the same networks share one separation-penalty pass, dense BatchNorm is one fused
   kernel over (net, unit) channels (such stacks are held units-major, ``(nets, units,
-  points)``, which that kernel reads without a copy), and small conv stacks run channels-last.
+  points)``, which that kernel reads without a copy), and small conv stacks run channels-last;
+* on a CPU, a dense stack of ReLU networks (BatchNorm and the penalty included: the separation
+  paper's MOONS and MNIST grids) is trained by a native kernel instead
+  (:class:`alive.native.DenseStack`): one call for the forward pass of every network and one
+  for the backward, each network at its own width (no padding work). It gives the same
+  results as the operations above to float rounding (``tests/test_native_stack.py``);
+  ``ALIVE_NATIVE=0`` or :func:`alive.native.disabled` keep the operations.
 
 The result of each network is the same record :func:`alive.train.fit` would produce, up to
 floating-point summation order (``tests/test_grid.py`` checks cells against single runs).
@@ -42,9 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .activations import make_activation, parse_activation
 from .config import RunConfig
-from .functional import _BIG, _positions_innermost, dense_separation_penalty, stacked_separation_penalty
+from .functional import (
+    _BIG,
+    _positions_innermost,
+    _transforms_active,
+    dense_separation_penalty,
+    stacked_separation_penalty,
+)
 from .models import build_model, count_parameters
 from .train import (
     _autocast,
@@ -251,6 +264,17 @@ class GridStack(nn.Module):
         self.fast = not self.conv and self.ties == "first" and cfg0.aggregation != "norm"
         self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)  # see functional._UnitPointExtremes
         self.cfg0 = cfg0
+        # the native kernel (alive.native.DenseStack) trains dense ReLU stacks whole; where it
+        # cannot (other activations, dropout, split ties, "norm"), the operations below do
+        self.native_eligible = (
+            not self.conv
+            and parse_activation(cfg0.activation) == ("relu", False)
+            and not self.dropout
+            and not self.mask_output
+            and (not self.kinds or (self.fast and cfg0.aggregation in native.AGGREGATIONS))
+            and (not self.batchnorm or self.bn_momentum is not None)
+        )
+        self._dense: tuple | None = None  # (flat data pointer, native.DenseStack)
 
     def flatten_parameters(self) -> nn.Parameter:
         """Make every parameter a view into one flat parameter (see :func:`_flatten_parameters`)
@@ -387,12 +411,48 @@ class GridStack(nn.Module):
                 g = g + per_layer(self.coef_p[:n]) * g_p
         return g.view(layers, n).sum(0) if layers > 1 else g
 
+    def native_dense(self, x: Tensor, on_layer=None) -> native.DenseStack | None:
+        """The native kernel's view of this stack when it computes the forward pass of ``x``
+        (float32 CPU, after :meth:`flatten_parameters`, no ``on_layer``), else ``None``."""
+        flat = getattr(self, "_flat", None)
+        if (not self.native_eligible or flat is None or on_layer is not None or x.device.type != "cpu"
+                or x.dtype != torch.float32 or flat.dtype != torch.float32 or x.requires_grad
+                or torch.is_autocast_enabled("cpu") or _transforms_active() or torch.compiler.is_compiling()
+                or not native.available()):
+            return None
+        if self._dense is None or self._dense[0] != flat.data_ptr():
+            self._dense = (flat.data_ptr(), self._native_layout(flat))
+        return self._dense[1]
+
+    def _native_layout(self, flat: nn.Parameter) -> native.DenseStack:
+        def at(p: Tensor) -> int:
+            if not p.is_contiguous() or p.data_ptr() < flat.data_ptr():
+                raise RuntimeError("a stack parameter is not a contiguous view into the flat parameter")
+            return (p.data_ptr() - flat.data_ptr()) // flat.element_size()
+
+        offsets = {"weight": [at(w) for w in self.weights], "bias": [at(b) for b in self.biases],
+                   "head_w": at(self.head_w), "head_b": at(self.head_b)}
+        running = None
+        if self.batchnorm:
+            offsets["gamma"], offsets["beta"] = [at(g) for g in self.gammas], [at(b) for b in self.betas]
+            running = [(getattr(self, f"running_mean_{l}"), getattr(self, f"running_var_{l}")) for l in range(len(self.active))]
+        cfg = self.cfg0
+        return native.DenseStack(
+            self.depths, self.widths, self.wm, self.input_shape[0], self.num_classes, offsets, running,
+            getattr(self, "bn_eps", 1e-5), getattr(self, "bn_momentum", 0.1),
+            self.coef_u if self.kinds else None, self.coef_p if self.kinds else None, cfg.rho, cfg.margin,
+            cfg.aggregation if cfg.aggregation in native.AGGREGATIONS else "paper",
+        )
+
     def forward(self, x: Tensor, train: bool = True, dropout_p: float = 0.0, gen=None,
                 on_layer: Callable[[int, Tensor, Tensor], None] | None = None):
         """Logits ``(nets, points, classes)`` and the per-net penalty ``(nets,)``. ``on_layer(l,
         z, a)`` sees each layer's pre-activations (the activation's input: after BatchNorm,
         if any) and activations (canonical layout) as they are made, so a diagnostic holds one
         layer at a time, not the whole network's."""
+        dense = self.native_dense(x, on_layer)
+        if dense is not None:
+            return _NativeDense.apply(self._flat, x.contiguous(), dense, train)
         wm, fac = self.wm, self.fac
         finished: list[Tensor] = []
         pen = x.new_zeros(self.n)
@@ -469,6 +529,30 @@ class GridStack(nn.Module):
             feats = self._dropout(feats, dropout_p, gen)
         logits = torch.baddbmm(self.head_b, feats, self.head_w)
         return logits, pen
+
+
+class _NativeDense(torch.autograd.Function):
+    """A dense ReLU stack's forward and backward pass by the native kernel (one node)."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, x: Tensor, dense: native.DenseStack, train: bool):
+        logits, pen, saved = dense.forward(flat.detach(), x, train)
+        ctx.dense, ctx.saved = dense, saved
+        ctx.save_for_backward(flat, x)
+        if not dense.penalised or saved is None:
+            ctx.mark_non_differentiable(pen)
+        return logits, pen
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits: Tensor, grad_pen: Tensor | None):
+        # handed over, not kept: the kernel reuses the buffers of a pass whose backward is done
+        saved, ctx.saved = ctx.saved, None
+        if saved is None:
+            raise RuntimeError("a native grid stack pass has no backward after evaluation (train=False) or "
+                               "after its first backward (retain_graph is not supported)")
+        flat, x = ctx.saved_tensors
+        return ctx.dense.backward(flat.detach(), x, saved, grad_logits, grad_pen), None, None, None
 
 
 def _ce_acc(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -672,6 +756,7 @@ def train_group(
     diags = _diagnostics(stack, ds.x_train, eval_batch_size) if cfg0.diagnostics else [{}] * n
     env = _environment(dev, 1)
     env["grid_group_size"] = n
+    env["native_dense_stack"] = stack._dense is not None  # trained by alive.native.DenseStack
     records = []
     for i, c in enumerate(configs):
         last = diverged_at[i] or epochs_run

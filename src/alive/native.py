@@ -3,14 +3,23 @@
 A thin deep network's separation penalty is a few small tensors per layer, and PyTorch's CPU
 operations on them cost far more in per-operation latency than in arithmetic (a 50-layer,
 4-unit MLP: 1.32-1.48x the plain training step). The C99 kernels of ``csrc/separation.c``
-(and the ``separation_body.h`` it includes) compute the penalty of a stack of layers, and its
-gradient, in one pass per layer. They are built once per source version into a per-user
-cache; :mod:`alive.functional` uses them for CPU float32/float64 tensors and falls back to
-its PyTorch operations wherever they do not apply.
+(and the headers it includes) do that work in C:
+
+* ``separation_body.h``: the penalty of a stack of layers, and its gradient, in one pass per
+  layer; :mod:`alive.functional` uses it for CPU float32/float64 tensors and falls back to its
+  PyTorch operations wherever it does not apply;
+* ``dense_stack.h`` (:class:`DenseStack`): the forward and backward pass of a whole stack of
+  dense ReLU networks (BatchNorm and the penalty included), each network at its own width, for
+  the grid engine (:class:`alive.grid.GridStack`), where hundreds of networks of 1-25 units made
+  PyTorch's per-call costs and the padding to the widest network the bulk of the time.
+
+On x86-64 Linux with GCC the hot loops are also compiled for AVX2 + FMA, chosen at load time
+where the CPU has them. The library is built once per source version into a per-user cache.
 
 Environment:
 
-* ``ALIVE_NATIVE=0`` turns the kernels off (the PyTorch path, bit for bit the earlier results);
+* ``ALIVE_NATIVE=0`` turns the kernels off (PyTorch operations: bit for bit the results of the
+  engine before the kernels);
 * ``CC`` names the compiler (default ``cc``);
 * ``ALIVE_CACHE`` the cache folder (default ``$XDG_CACHE_HOME/alive`` or ``~/.cache/alive``):
   one that only you can write, as the library found there is loaded.
@@ -36,12 +45,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disabled", "library", "separation_forward", "separation_backward", "AGGREGATIONS"]
+__all__ = ["available", "disabled", "library", "separation_forward", "separation_backward", "DenseStack",
+           "AGGREGATIONS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "separation.c"
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
+LIBS = ("-lm",)
 AGGREGATIONS = {"paper": 0, "squared_sum": 1, "mean": 2}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -67,7 +78,7 @@ def _off_by_environment() -> bool:
 def _target(compiler: list[str]) -> Path:
     """Where the library for these sources, this compiler and this machine is cached."""
     sources = [f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".c", ".h")]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(compiler + list(FLAGS)).encode(),
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(compiler + list(FLAGS) + list(LIBS)).encode(),
                                      platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
     return _cache_dir() / f"separation-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
 
@@ -78,7 +89,7 @@ def _build(compiler: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".separation-", suffix=target.suffix)
     os.close(fd)
     try:
-        done = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
                               errors="replace", timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-2000:]}")
@@ -109,6 +120,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fwd.argtypes = [p, p, i64, i64, i64, p, p, p, f64, f64, i32, p, p, p]
         bwd.argtypes = [p, p, i64, i64, i64, p, p, p, f64, f64, i32, p, p, p, p, p]
         fwd.restype = bwd.restype = i32
+    fwd, bwd = lib.stack_forward_f32, lib.stack_backward_f32
+    shape = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, i64, i64]
+    fwd.argtypes = shape + [p, p, f64, f64, p, p, f64, f64, i32, p, p, p, p, p]
+    bwd.argtypes = shape + [p, p, f64, f64, i32, p, p, p, p, p, p]
+    fwd.restype = bwd.restype = i32
+    lib.stack_saved_f32.argtypes = [p, p, i64, i64, i32]
+    lib.stack_saved_f32.restype = i64
     return lib
 
 
@@ -124,8 +142,8 @@ def library() -> ctypes.CDLL | None:
             try:
                 _library = _load(shlex.split(os.environ.get("CC") or "cc"))
             except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as err:
-                log.warning("alive: the native separation kernel is not available (%s); the penalty uses "
-                            "PyTorch operations, which are slower on thin networks. Set CC to a C compiler "
+                log.warning("alive: the native kernels are not available (%s); the separation penalty and the "
+                            "grid engine use PyTorch operations, which are slower on thin networks. Set CC to a C compiler "
                             "(or ALIVE_CACHE to a writable folder), or ALIVE_NATIVE=0 to silence this.", err)
         _tried = True
     return _library
@@ -151,7 +169,7 @@ def disabled():
 def _loaded() -> ctypes.CDLL:
     lib = library()
     if lib is None:
-        raise RuntimeError("the native separation kernel is not available (see alive.native.available())")
+        raise RuntimeError("the native kernels are not available (see alive.native.available())")
     return lib
 
 
@@ -192,3 +210,134 @@ def separation_backward(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, 
           dzh.data_ptr(), dzl.data_ptr()):
         raise MemoryError("the native separation kernel could not allocate its work buffer")
     return dzh, dzl
+
+
+class DenseStack:
+    """A stack of rectangular dense ReLU networks as the native kernels of
+    ``csrc/dense_stack.h`` see it (the grid engine's :class:`alive.grid.GridStack`): each network
+    runs at its own width, the whole stack in one call per pass. float32 CPU tensors only.
+
+    ``depths`` / ``widths``: per network, deepest first; ``offsets``: element offsets into the
+    flat parameter, per layer ``"weight"``, ``"bias"`` (and ``"gamma"``, ``"beta"`` with
+    BatchNorm), and ``"head_w"``, ``"head_b"``; ``running``: each layer's running mean and
+    variance buffers (``(nets, wm)``, BatchNorm only); ``coef_u`` / ``coef_p``: each network's
+    λ, or ``None`` for no penalty.
+    """
+
+    def __init__(self, depths, widths, wm: int, inputs: int, classes: int, offsets: dict,
+                 running: list[tuple[Tensor, Tensor]] | None, eps: float, momentum: float,
+                 coef_u: Tensor | None, coef_p: Tensor | None, rho: float, margin: float, aggregation: str):
+        self.depth = torch.tensor(list(depths), dtype=torch.int32)
+        self.width = torch.tensor(list(widths), dtype=torch.int32)
+        if len(self.depth) != len(self.width) or not len(self.depth):
+            raise ValueError("DenseStack needs one depth and one width per network")
+        if (self.width < 1).any() or (self.width > wm).any() or (self.depth < 1).any():
+            raise ValueError("DenseStack needs widths in 1..wm and depths >= 1")
+        if (self.depth[1:] > self.depth[:-1]).any():
+            raise ValueError("DenseStack needs the networks sorted by depth, deepest first")
+        self.n, self.wm, self.inputs, self.classes = len(self.depth), wm, inputs, classes
+        layers = int(self.depth[0])
+        self.batchnorm = running is not None
+        keys = ("weight", "bias", "gamma", "beta") if self.batchnorm else ("weight", "bias")
+        for k in keys:
+            if len(offsets[k]) != layers:
+                raise ValueError(f"DenseStack needs {layers} {k} offsets, got {len(offsets[k])}")
+        self.offsets = {k: torch.tensor(offsets[k], dtype=torch.int64) for k in keys}
+        self.head = int(offsets["head_w"]), int(offsets["head_b"])
+        # how far into the flat parameter the kernels read and write: checked on every call
+        nets = [int((self.depth > l).sum()) for l in range(layers)]
+        ends = [self.head[0] + self.n * wm * classes, self.head[1] + self.n * classes]
+        for l, n in enumerate(nets):
+            ends.append(int(self.offsets["weight"][l]) + n * (inputs if l == 0 else wm) * wm)
+            ends += [int(self.offsets[k][l]) + n * wm for k in keys[1:]]
+        starts = [min(int(self.offsets[k].min()) for k in keys), *self.head]
+        if min(starts) < 0:
+            raise ValueError("DenseStack offsets must be >= 0")
+        self.extent = max(ends)
+        if running is not None:
+            if len(running) != layers or any(m.numel() < n * wm or v.numel() < n * wm or not m.is_contiguous()
+                                             or not v.is_contiguous() or m.dtype != torch.float32 or v.dtype != torch.float32
+                                             for (m, v), n in zip(running, nets)):
+                raise ValueError("DenseStack needs, per layer, contiguous float32 running statistics of (nets, wm)")
+        self.running = running
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.penalised = coef_u is not None and bool(((coef_u != 0) | (coef_p != 0)).any())
+        self.coef_u = coef_u.float().contiguous() if self.penalised else None
+        self.coef_p = coef_p.float().contiguous() if self.penalised else None
+        self.rho, self.margin, self.agg = float(rho), float(margin), AGGREGATIONS[aggregation]
+        self.layer_count = int(self.depth.sum())
+        self._spare: tuple | None = None  # (points, (save, ext, idx)) of the last training pass
+
+    def _buffers(self, lib: ctypes.CDLL, points: int) -> tuple:
+        """What a training forward pass saves for its backward: the last pass's buffers when
+        nothing holds them any more (its backward is done), so that a training loop does not
+        page-fault tens of MB in every step (blocks above glibc's mmap threshold)."""
+        spare = self._spare
+        if spare is not None and spare[0] == points and sys.getrefcount(spare[1]) == 2:  # held here only
+            return spare[1]
+        save = torch.empty(lib.stack_saved_f32(self.depth.data_ptr(), self.width.data_ptr(), self.n, points,
+                                               int(self.batchnorm)))
+        ext = idx = None
+        if self.penalised:
+            E = 2 * self.wm + 2 * points
+            ext = torch.empty(self.layer_count, E)
+            idx = torch.empty(self.layer_count, E, dtype=torch.int32)
+        self._spare = (points, (save, ext, idx))
+        return self._spare[1]
+
+    def _common(self, flat: Tensor, x: Tensor, points: int) -> list:
+        o = self.offsets
+        return [x.data_ptr(), 0 if x.dim() == 2 else points * self.inputs, self.n, points, self.inputs, self.classes,
+                self.wm, self.depth.data_ptr(), self.width.data_ptr(), flat.data_ptr(), o["weight"].data_ptr(),
+                o["bias"].data_ptr(), _ptr(o.get("gamma")), _ptr(o.get("beta")), *self.head]
+
+    def _check(self, flat: Tensor, x: Tensor) -> int:
+        if flat.dtype != torch.float32 or x.dtype != torch.float32 or flat.device.type != "cpu" or x.device.type != "cpu":
+            raise ValueError("DenseStack runs on float32 CPU tensors")
+        if not (flat.is_contiguous() and x.is_contiguous()):
+            raise ValueError("DenseStack needs contiguous tensors")
+        if flat.numel() < self.extent:
+            raise ValueError(f"DenseStack: the flat parameter has {flat.numel()} elements, its offsets need {self.extent}")
+        if x.shape[-1] != self.inputs or x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[0] != self.n):
+            raise ValueError(f"DenseStack takes inputs (points, {self.inputs}) or ({self.n}, points, {self.inputs}), "
+                             f"got {tuple(x.shape)}")
+        return x.shape[-2]
+
+    def forward(self, flat: Tensor, x: Tensor, train: bool) -> tuple[Tensor, Tensor, tuple | None]:
+        """``(logits (nets, points, classes), penalty (nets,), saved)``; ``saved`` (for
+        :meth:`backward`) only when ``train``: BatchNorm then normalises by the batch and
+        updates its running statistics, and the penalty is computed."""
+        P = self._check(flat, x)
+        lib = _loaded()
+        logits = torch.empty(self.n, P, self.classes)
+        pen = torch.zeros(self.n)
+        saved = self._buffers(lib, P) if train else None  # this very tuple goes to the backward pass
+        save, ext, idx = saved or (None, None, None)
+        rm = rv = None
+        if self.batchnorm:
+            rm = (ctypes.c_void_p * len(self.running))(*[m.data_ptr() for m, _ in self.running])
+            rv = (ctypes.c_void_p * len(self.running))(*[v.data_ptr() for _, v in self.running])
+        pen_args = (_ptr(self.coef_u), _ptr(self.coef_p)) if self.penalised else (None, None)
+        if lib.stack_forward_f32(*self._common(flat, x, P), rm, rv, self.eps, self.momentum, *pen_args, self.rho,
+                                 self.margin, self.agg, _ptr(save), _ptr(ext), _ptr(idx), logits.data_ptr(),
+                                 pen.data_ptr()):
+            raise MemoryError("the native dense stack kernel could not allocate its work buffer")
+        return logits, pen, saved
+
+    def backward(self, flat: Tensor, x: Tensor, saved: tuple, grad_logits: Tensor, grad_pen: Tensor | None) -> Tensor:
+        """The gradient with respect to ``flat`` of ``Σ grad_logits·logits + Σ grad_pen·penalty``
+        for the forward pass that returned ``saved``."""
+        P = self._check(flat, x)
+        save, ext, idx = saved
+        grad_logits = grad_logits.float().contiguous()
+        if grad_logits.shape != (self.n, P, self.classes):
+            raise ValueError(f"DenseStack.backward: gradient of shape {tuple(grad_logits.shape)} for logits "
+                             f"{(self.n, P, self.classes)}")
+        gpen = None if grad_pen is None or not self.penalised else grad_pen.float().contiguous()
+        grad = torch.zeros_like(flat)
+        pen_args = (_ptr(self.coef_u), _ptr(self.coef_p)) if self.penalised else (None, None)
+        if _loaded().stack_backward_f32(*self._common(flat, x, P), *pen_args, self.rho, self.margin, self.agg,
+                                        save.data_ptr(), _ptr(ext), _ptr(idx), grad_logits.data_ptr(), _ptr(gpen),
+                                        grad.data_ptr()):
+            raise MemoryError("the native dense stack kernel could not allocate its work buffer")
+        return grad

@@ -12,9 +12,22 @@
  * needs more. Each function exists for float (_f32) and double (_f64): separation_body.h is
  * included twice.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+/* HOT: an AVX2 + FMA copy of a function besides the baseline one, chosen when the library is
+ * loaded where the CPU has them. Multiply-adds are fused in the dense stack's matrix products
+ * only (FUSED): -std=c99 leaves them apart, as the penalty's reference values expect. */
+#define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FUSED __attribute__((optimize("fp-contract=fast")))
+#pragma GCC diagnostic ignored "-Wpsabi"  /* 8-float vectors between inlined helpers only */
+#else
+#define HOT
+#define FUSED
+#endif
 
 #define T float
 #define F(name) name##_f32
@@ -27,3 +40,5 @@
 #include "separation_body.h"
 #undef T
 #undef F
+
+#include "dense_stack.h"

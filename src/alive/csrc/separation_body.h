@@ -18,14 +18,15 @@ static int64_t F(first_nan)(const T *z, int64_t stride, int64_t count)
  * the first arg-extremes when iu is given (torch.max(dim)'s convention), found by a second,
  * branch-free pass: comparisons that pick a running extreme and its position mispredict on
  * every other entry. A NaN makes its extremes NaN (torch.amax), at its first position;
- * comparisons skip NaNs, so a rare extra pass puts them back. */
-static void F(extremes)(const T *restrict zt, int64_t P, int64_t R, int sign, T *restrict hu, T *restrict hp,
-                        int32_t *restrict iu, int32_t *restrict ip)
+ * comparisons skip NaNs, so a rare extra pass puts them back. Rows (columns of the layer) are ld
+ * apart. */
+HOT static void F(extremes)(const T *restrict zt, int64_t P, int64_t ld, int64_t R, int sign, T *restrict hu,
+                        T *restrict hp, int32_t *restrict iu, int32_t *restrict ip)
 {
     int bad = 0;
     for (int64_t p = 0; p < P; p++) hp[p] = zt[p];
     for (int64_t u = 0; u < R; u++) {
-        const T *restrict c = zt + u * P;
+        const T *restrict c = zt + u * ld;
         T v8[8];  /* eight running extremes: a float reduction is not vectorised otherwise */
         for (int j = 0; j < 8; j++) v8[j] = c[0];
         int64_t p = 0;
@@ -44,20 +45,21 @@ static void F(extremes)(const T *restrict zt, int64_t P, int64_t R, int sign, T 
         }
         hu[u] = v8[0];
     }
-    for (int64_t i = 0; i < R * P; i++) bad |= zt[i] != zt[i];
+    for (int64_t u = 0; u < R; u++)
+        for (int64_t p = 0; p < P; p++) bad |= zt[u * ld + p] != zt[u * ld + p];
     if (bad) {
         for (int64_t u = 0; u < R; u++) {
-            int64_t i = F(first_nan)(zt + u * P, 1, P);
-            if (i >= 0) hu[u] = zt[u * P + i];
+            int64_t i = F(first_nan)(zt + u * ld, 1, P);
+            if (i >= 0) hu[u] = zt[u * ld + i];
         }
         for (int64_t p = 0; p < P; p++) {
-            int64_t i = F(first_nan)(zt + p, P, R);
-            if (i >= 0) hp[p] = zt[i * P + p];
+            int64_t i = F(first_nan)(zt + p, ld, R);
+            if (i >= 0) hp[p] = zt[i * ld + p];
         }
     }
     if (!iu) return;
     for (int64_t u = 0; u < R; u++) {
-        const T *restrict c = zt + u * P;
+        const T *restrict c = zt + u * ld;
         T e = hu[u];
         if (e != e) { iu[u] = (int32_t)F(first_nan)(c, 1, P); continue; }
         int32_t first = (int32_t)P;  /* the smallest position holding e */
@@ -66,12 +68,12 @@ static void F(extremes)(const T *restrict zt, int64_t P, int64_t R, int sign, T 
     }
     for (int64_t p = 0; p < P; p++) ip[p] = -1;
     for (int64_t u = 0; u < R; u++) {
-        const T *restrict c = zt + u * P;
+        const T *restrict c = zt + u * ld;
         for (int64_t p = 0; p < P; p++) ip[p] = (ip[p] < 0) & (c[p] == hp[p]) ? (int32_t)u : ip[p];
     }
     if (bad)
         for (int64_t p = 0; p < P; p++)
-            if (hp[p] != hp[p]) ip[p] = (int32_t)F(first_nan)(zt + p, P, R);
+            if (hp[p] != hp[p]) ip[p] = (int32_t)F(first_nan)(zt + p, ld, R);
     for (int64_t p = 0; p < P; p++) ip[p] = ip[p] < 0 ? 0 : ip[p];
 }
 
@@ -106,9 +108,9 @@ int F(sep_forward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, co
         for (int64_t u = R; u < U; u++) hu[u] = lu[u] = 0;
         if (idx) for (int64_t u = R; u < U; u++) iu[u] = ju[u] = 0;
         F(transpose)(zh + k * P * U, P, U, R, zt);
-        F(extremes)(zt, P, R, 1, hu, hp, iu, ip);
+        F(extremes)(zt, P, P, R, 1, hu, hp, iu, ip);
         if (zl != zh) F(transpose)(zl + k * P * U, P, U, R, zt);
-        F(extremes)(zt, P, R, -1, lu, lp, ju, jp);
+        F(extremes)(zt, P, P, R, -1, lu, lp, ju, jp);
         double su = 0, sp = 0;
         for (int64_t u = 0; u < R; u++) { T s = F(slack)(hu[u], lu[u], rho, margin); su += agg == 1 ? (double)s * s : s; }
         for (int64_t p = 0; p < P; p++) { T s = F(slack)(hp[p], lp[p], rho, margin); sp += agg == 1 ? (double)s * s : s; }
