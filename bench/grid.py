@@ -10,7 +10,10 @@ Ends with ``grid_speedup: <ratio>`` (target >= 10), ``paper_moons_grid_minutes: 
 (target < 20 on a 2-core CPU), ``paper_moons_grid_minutes_no_penalty: <m>``, the same grid
 with every separation penalty switched off (a floor: the cost of the networks themselves), and
 ``paper_moons_grid_minutes_workers: <m>``, the grid trained by as many worker processes as the
-CPU has threads, at most one per group (``python -m alive sweep --workers``), largest first.
+CPU has threads, at most one per group (``python -m alive sweep --workers``), largest first: each
+group's median epoch time while the groups train side by side for 10 epochs, laid out on the
+workers as they are handed out (the wall time of a short run, less that of a one-epoch run, was
+too noisy: starting workers and building stacks swamp the difference).
 On a CPU where the native kernels (``alive.native``) are built,
 ``paper_moons_grid_minutes_pytorch_ops: <m>`` times the grid once more with PyTorch operations
 instead (``native.disabled()``: the engine's batched operations and the penalty's), in the same
@@ -31,7 +34,7 @@ from _timing import report, sync  # noqa: E402
 
 from alive import native  # noqa: E402
 from alive.config import RunConfig  # noqa: E402
-from alive.grid import group_configs, train_group, train_groups  # noqa: E402
+from alive.grid import group_configs, largest_first, train_group, train_groups  # noqa: E402
 from alive.train import fit, keep_freed_memory  # noqa: E402
 
 METHODS = {"relu": {}, "relu+bn": {"batchnorm": True}, "sep-u": {"constraint": "u", "weight": 1e-4},
@@ -107,17 +110,20 @@ def grid_minutes(cfgs, dev):
 
 
 def parallel_minutes(cfgs, dev, workers, epochs):
-    """Minutes for 5000 epochs of ``cfgs`` by ``workers`` worker processes, from the wall time
-    of ``epochs`` epochs less that of one: the difference leaves out starting the workers and
-    building the stacks, as the median epoch times above do."""
-    wall = {}
-    for e in (1, epochs):
-        groups = group_configs([c.replace(epochs=e) for c in cfgs], device=dev)
-        t = time.perf_counter()
-        for _ in train_groups(groups, device=dev, progress="quiet", workers=workers):
-            pass
-        wall[e] = time.perf_counter() - t
-    return (wall[epochs] - wall[1]) / (epochs - 1) * 5000 / 60
+    """Minutes for 5000 epochs of ``cfgs`` by ``workers`` worker processes: each group's median
+    epoch time while they train side by side for ``epochs`` epochs (so sharing the CPU is in
+    it, starting the workers and building the stacks is not), laid out as ``train_groups``
+    hands the groups out (largest first, each to the first free worker)."""
+    groups = largest_first(group_configs([c.replace(epochs=epochs) for c in cfgs], device=dev), dev)
+    per_epoch = {}
+    for recs in train_groups(groups, device=dev, progress="quiet", workers=workers):
+        i = next(i for i, g in enumerate(groups) if any(c.key(recs[0]["precision"]) == recs[0]["key"] for c in g))
+        per_epoch[i] = statistics.median(recs[0]["history"]["time"][1:])
+    free = [0.0] * workers
+    for i in range(len(groups)):
+        k = min(range(workers), key=free.__getitem__)
+        free[k] += per_epoch[i] * 5000
+    return max(free) / 60
 
 
 if __name__ == "__main__":

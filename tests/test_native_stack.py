@@ -16,11 +16,11 @@ BASE = RunConfig(experiment="g", depth=1, width=1, epochs=2, batch_size=None, lr
 SHAPES = [(5, 3, "up"), (3, 7, "u"), (4, 1, "p"), (2, 5, "none"), (5, 9, "up"), (1, 4, "up"), (3, 2, "p")]
 
 
-def _stack(bn=False, inputs=2, classes=3, **kw):
+def _stack(bn=False, inputs=2, classes=3, penalty=True, shapes=SHAPES, **kw):
     cfgs = []
-    for d, w, con in SHAPES:
-        extra = {"batchnorm": True} if bn else {"constraint": con, "weight": 0.3 if con != "none" else 0.0}
-        cfgs.append(BASE.replace(depth=d, width=w, seed=len(cfgs), **extra, **kw))
+    for d, w, con in shapes:
+        extra = {"constraint": con, "weight": 0.3 if con != "none" else 0.0} if penalty else {}
+        cfgs.append(BASE.replace(depth=d, width=w, seed=len(cfgs), batchnorm=bn, **extra, **kw))
     stack = GridStack(cfgs, (inputs,), classes)
     stack.flatten_parameters()
     return stack
@@ -45,26 +45,17 @@ def _step(stack, x, use_native, weights):
     return out
 
 
-def _real_units(stack, buffers):
-    """The running statistics of real units only (padded ones are never used)."""
-    out = []
-    for l, n in enumerate(stack.active):
-        for i in range(n):
-            w = stack.widths[i]
-            out += [buffers[f"running_mean_{l}"][i, :w], buffers[f"running_var_{l}"][i, :w]]
-    return torch.cat(out)
-
-
-def _assert_same_step(stack, x):
+def _assert_same_step(stack, x, tol=1e-5):
     weights = torch.arange(1.0, stack.n + 1)  # a different upstream gradient per net's penalty
     l1, p1, g1, b1 = _step(stack, x, True, weights)
     l2, p2, g2, b2 = _step(stack, x, False, weights)
-    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4 * float(g2.abs().max()))
+    torch.testing.assert_close(l1, l2, rtol=tol, atol=tol)
+    torch.testing.assert_close(p1, p2, rtol=tol, atol=tol / 10)
+    torch.testing.assert_close(g1, g2, rtol=10 * tol, atol=10 * tol * float(g2.abs().max()))
     assert not torch.equal(g1, torch.zeros_like(g1))
-    if stack.batchnorm:
-        torch.testing.assert_close(_real_units(stack, b1), _real_units(stack, b2), rtol=1e-5, atol=1e-6)
+    if stack.batchnorm:  # padded units' too: PyTorch's kernel decays them, and so does the native one
+        for k in b1:
+            torch.testing.assert_close(b1[k], b2[k], rtol=1e-5, atol=1e-6)
     return p1
 
 
@@ -77,18 +68,42 @@ def test_penalised_stack_matches_the_pytorch_operations(aggregation):
     assert (pen[[i for i, c in enumerate(stack.configs) if c.constraint != "none"]] > 0).all()
 
 
-@pytest.mark.parametrize("points", [1, 3, 8, 9, 100])
-def test_batchnorm_stack_matches_including_running_statistics(points):
-    stack = _stack(bn=True, inputs=5)
+@pytest.mark.parametrize("points", [1, 2, 3, 8, 9, 100])
+@pytest.mark.parametrize("penalty", [False, True])
+def test_batchnorm_stack_matches_including_running_statistics(points, penalty):
+    stack = _stack(bn=True, inputs=5, penalty=penalty)
     x = torch.randn(stack.n, points, 5, generator=torch.Generator().manual_seed(points))
-    if points == 1:  # BatchNorm cannot train on one point (PyTorch refuses); evaluation can
+    if points == 1:  # BatchNorm cannot train on one point: both paths refuse it; evaluation can
+        for off in (False, True):
+            with native.disabled() if off else torch.enable_grad(), pytest.raises(ValueError, match="more than 1 value"):
+                stack(x, train=True)
         with torch.no_grad():
             a, _ = stack(x, train=False)
             with native.disabled():
                 b, _ = stack(x, train=False)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         return
+    # two points normalise to ±1 over a variance near eps: rounding of the mean is amplified
+    _assert_same_step(stack, x, tol=1e-3 if points == 2 else 1e-5)
+
+
+@pytest.mark.parametrize("inputs, classes", [(17, 1), (3, 10)])
+def test_wider_stacks_more_inputs_and_classes(inputs, classes):
+    shapes = [(4, 12, "up"), (3, 9, "u"), (3, 16, "p"), (1, 1, "up"), (2, 13, "none")]
+    stack = _stack(inputs=inputs, classes=classes, shapes=shapes)
+    _assert_same_step(stack, torch.randn(stack.n, 29, inputs, generator=torch.Generator().manual_seed(inputs)))
+
+
+def test_exact_ties_from_duplicated_points():
+    stack = _stack()
+    x = torch.randn(stack.n, 6, 2, generator=torch.Generator().manual_seed(7)).repeat(1, 3, 1)  # each point thrice
     _assert_same_step(stack, x)
+
+
+def test_an_empty_batch_is_refused():
+    stack = _stack()
+    with pytest.raises(ValueError, match="at least one point"):
+        stack(torch.zeros(stack.n, 0, 2))
 
 
 def test_one_input_shared_by_every_net_and_the_evaluation_pass():
@@ -148,37 +163,68 @@ def test_a_nan_net_leaves_the_others_alone():
 def test_buffers_are_reused_once_a_backward_is_done_and_never_while_a_graph_holds_them():
     stack = _stack()
     x = torch.randn(stack.n, 16, 2, generator=torch.Generator().manual_seed(5))
-    dense = stack.native_dense(x)
     ref = []
     for _ in range(2):
         stack.zero_grad()
         logits, pen = stack(x)
         (logits.sum() + pen.sum()).backward()
         ref.append(stack._flat.grad.clone())
-    kept = dense._spare[1][0].data_ptr()
+    dense = stack.native_dense(x)
+    kept = dense._spare[0].data_ptr()
     logits, pen = stack(x)
-    assert dense._spare[1][0].data_ptr() == kept  # the last backward is done: reused
+    assert logits.grad_fn.saved.buffers[0].data_ptr() == kept  # the last backward is done: reused
     logits2, pen2 = stack(x * 2)  # the first graph still holds its buffers: new ones
-    assert dense._spare[1][0].data_ptr() != kept
+    assert logits2.grad_fn.saved.buffers[0].data_ptr() != kept
     stack.zero_grad()
     (logits.sum() + pen.sum()).backward()
     torch.testing.assert_close(stack._flat.grad, ref[0], rtol=0, atol=0)  # its buffers were not overwritten
     stack.zero_grad()
     (logits2.sum() + pen2.sum()).backward()
     assert not torch.equal(stack._flat.grad, ref[0])
+    spare = dense._spare[0].data_ptr()
+    logits3, _ = stack(x[:, :9].contiguous())  # fewer points (a short last batch): the spare buffers serve
+    assert logits3.grad_fn.saved.buffers[0].data_ptr() == spare
 
 
-def test_a_second_backward_and_a_backward_of_an_evaluation_pass_are_refused():
+def test_a_second_backward_is_refused_and_an_evaluation_pass_keeps_its_gradient():
     stack = _stack()
     x = torch.randn(stack.n, 6, 2)
     logits, pen = stack(x)
     loss = logits.sum() + pen.sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="retain_graph"):
+    with pytest.raises(RuntimeError, match="one backward"):
         loss.backward()
+    assert stack.native_dense(x, train=False) is None  # under autograd: the PyTorch operations
+    stack.zero_grad()
     logits, _ = stack(x, train=False)
-    with pytest.raises(RuntimeError, match="evaluation"):
-        logits.sum().backward()
+    logits.sum().backward()
+    got = stack._flat.grad.clone()
+    with torch.no_grad():
+        assert stack.native_dense(x, train=False) is not None
+        a, _ = stack(x, train=False)
+    torch.testing.assert_close(a, logits.detach(), rtol=1e-5, atol=1e-6)
+    assert got.abs().sum() > 0
+
+
+def test_dense_stack_backward_refuses_what_another_pass_saved():
+    stack = _stack()
+    x = torch.randn(stack.n, 6, 2)
+    dense = stack.native_dense(x)
+    flat = stack._flat.detach()
+    logits, pen, saved = dense.forward(flat, x, True)
+    with pytest.raises(ValueError, match="these 7 points"):
+        dense.backward(flat, torch.randn(stack.n, 7, 2), saved, torch.ones(stack.n, 7, 3), None)
+    with pytest.raises(ValueError, match="penalty gradients"):
+        dense.backward(flat, x, saved, torch.ones_like(logits), torch.ones(stack.n + 1))
+    with pytest.raises(ValueError, match="gradient of shape"):
+        dense.backward(flat, x, saved, torch.ones(stack.n, 6, 2), None)
+    dense.backward(flat, x, saved, torch.ones_like(logits), torch.ones(stack.n))
+    with pytest.raises(RuntimeError, match="already run"):
+        dense.backward(flat, x, saved, torch.ones_like(logits), torch.ones(stack.n))
+    other = _stack().native_dense(x)
+    _, _, saved = dense.forward(flat, x, True)
+    with pytest.raises(ValueError, match="forward pass"):
+        other.backward(flat, x, saved, torch.ones_like(logits), None)
 
 
 @pytest.mark.parametrize("change", [
@@ -212,6 +258,13 @@ def test_dense_stack_refuses_bad_layouts_and_inputs():
                           None, None, 0.5, 1.0, "paper")
     with pytest.raises(ValueError, match="widths in 1..wm"):
         native.DenseStack([1], [4], 3, 2, 2, offsets, None, 1e-5, 0.1, None, None, 0.5, 1.0, "paper")
+    with pytest.raises(ValueError, match="both coef_u and coef_p"):
+        native.DenseStack([1], [3], 3, 2, 2, offsets, None, 1e-5, 0.1, torch.ones(1), None, 0.5, 1.0, "paper")
+    with pytest.raises(ValueError, match="of 1 values"):
+        native.DenseStack([1], [3], 3, 2, 2, offsets, None, 1e-5, 0.1, torch.ones(2), torch.ones(2), 0.5, 1.0, "paper")
+    with pytest.raises(ValueError, match="running statistics"):
+        native.DenseStack([1], [3], 3, 2, 2, {**offsets, "gamma": [17], "beta": [20]},
+                          [(torch.zeros(1, 3), torch.zeros(1, 2))], 1e-5, 0.1, None, None, 0.5, 1.0, "paper")
     dense = native.DenseStack([1], [3], 3, 2, 2, offsets, None, 1e-5, 0.1, None, None, 0.5, 1.0, "paper")
     flat = torch.zeros(17)
     with pytest.raises(ValueError, match="float32 CPU"):

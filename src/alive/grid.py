@@ -22,11 +22,13 @@ optimiser, epochs, activation, BatchNorm or not) lives in one stack of tensors:
   kernel over (net, unit) channels (such stacks are held units-major, ``(nets, units,
   points)``, which that kernel reads without a copy), and small conv stacks run channels-last;
 * on a CPU, a dense stack of ReLU networks (BatchNorm and the penalty included: the separation
-  paper's MOONS and MNIST grids) is trained by a native kernel instead
+  paper's MOONS grids) is trained by a native kernel instead
   (:class:`alive.native.DenseStack`): one call for the forward pass of every network and one
   for the backward, each network at its own width (no padding work). It gives the same
-  results as the operations above to float rounding (``tests/test_native_stack.py``);
-  ``ALIVE_NATIVE=0`` or :func:`alive.native.disabled` keep the operations.
+  results as the operations above to float rounding (``tests/test_native_stack.py``; the
+  AVX2 + FMA copy rounds differently from the baseline one), one backward per pass (no
+  ``retain_graph``); an evaluation pass under autograd keeps the operations, and so do
+  ``ALIVE_NATIVE=0`` and :func:`alive.native.disabled`.
 
 The result of each network is the same record :func:`alive.train.fit` would produce, up to
 floating-point summation order (``tests/test_grid.py`` checks cells against single runs).
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 import time
 from collections import defaultdict
@@ -74,7 +77,7 @@ from .train import (
 )
 from .workers import check_workers, in_workers
 
-__all__ = ["can_batch", "group_configs", "train_group", "train_groups", "GridStack"]
+__all__ = ["can_batch", "group_configs", "largest_first", "train_group", "train_groups", "GridStack"]
 
 log = logging.getLogger("alive")
 
@@ -265,7 +268,8 @@ class GridStack(nn.Module):
         self.register_buffer("padded_fill", (~mask.bool()).float().unsqueeze(1) * _BIG)  # see functional._UnitPointExtremes
         self.cfg0 = cfg0
         # the native kernel (alive.native.DenseStack) trains dense ReLU stacks whole; where it
-        # cannot (other activations, dropout, split ties, "norm"), the operations below do
+        # cannot (other activations, masked outputs, dropout, split ties, "norm", BatchNorm's
+        # cumulative average), the operations below do
         self.native_eligible = (
             not self.conv
             and parse_activation(cfg0.activation) == ("relu", False)
@@ -274,7 +278,7 @@ class GridStack(nn.Module):
             and (not self.kinds or (self.fast and cfg0.aggregation in native.AGGREGATIONS))
             and (not self.batchnorm or self.bn_momentum is not None)
         )
-        self._dense: tuple | None = None  # (flat data pointer, native.DenseStack)
+        self._dense: tuple | None = None  # (flat and buffers, native.DenseStack, flat's data pointer)
 
     def flatten_parameters(self) -> nn.Parameter:
         """Make every parameter a view into one flat parameter (see :func:`_flatten_parameters`)
@@ -411,17 +415,24 @@ class GridStack(nn.Module):
                 g = g + per_layer(self.coef_p[:n]) * g_p
         return g.view(layers, n).sum(0) if layers > 1 else g
 
-    def native_dense(self, x: Tensor, on_layer=None) -> native.DenseStack | None:
-        """The native kernel's view of this stack when it computes the forward pass of ``x``
-        (float32 CPU, after :meth:`flatten_parameters`, no ``on_layer``), else ``None``."""
+    def native_dense(self, x: Tensor, train: bool = True, on_layer=None) -> native.DenseStack | None:
+        """The native kernel's view of this stack when it computes the forward pass of ``x``,
+        else ``None``: a dense ReLU stack (:attr:`native_eligible`) after
+        :meth:`flatten_parameters`, float32 on a CPU, no ``on_layer``, ``x`` not requiring a
+        gradient, no autocast, ``torch.func`` or ``torch.compile``, the kernels available, and
+        a training pass or no gradient (an evaluation pass has no native backward)."""
         flat = getattr(self, "_flat", None)
         if (not self.native_eligible or flat is None or on_layer is not None or x.device.type != "cpu"
                 or x.dtype != torch.float32 or flat.dtype != torch.float32 or x.requires_grad
+                or not (train or not torch.is_grad_enabled())
                 or torch.is_autocast_enabled("cpu") or _transforms_active() or torch.compiler.is_compiling()
                 or not native.available()):
             return None
-        if self._dense is None or self._dense[0] != flat.data_ptr():
-            self._dense = (flat.data_ptr(), self._native_layout(flat))
+        # the kernel holds pointers into these: a replaced buffer (load_state_dict(assign=True)) rebuilds it
+        tensors = [flat, *self._buffers.values()]
+        if self._dense is None or len(self._dense[0]) != len(tensors) or not all(map(operator.is_, self._dense[0], tensors)) \
+                or self._dense[2] != flat.data_ptr():
+            self._dense = (tensors, self._native_layout(flat), flat.data_ptr())
         return self._dense[1]
 
     def _native_layout(self, flat: nn.Parameter) -> native.DenseStack:
@@ -450,7 +461,7 @@ class GridStack(nn.Module):
         z, a)`` sees each layer's pre-activations (the activation's input: after BatchNorm,
         if any) and activations (canonical layout) as they are made, so a diagnostic holds one
         layer at a time, not the whole network's."""
-        dense = self.native_dense(x, on_layer)
+        dense = self.native_dense(x, train, on_layer)
         if dense is not None:
             return _NativeDense.apply(self._flat, x.contiguous(), dense, train)
         wm, fac = self.wm, self.fac
@@ -546,13 +557,11 @@ class _NativeDense(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logits: Tensor, grad_pen: Tensor | None):
-        # handed over, not kept: the kernel reuses the buffers of a pass whose backward is done
-        saved, ctx.saved = ctx.saved, None
-        if saved is None:
-            raise RuntimeError("a native grid stack pass has no backward after evaluation (train=False) or "
-                               "after its first backward (retain_graph is not supported)")
+        if ctx.saved is None or ctx.saved.buffers is None:  # the kernel reuses a finished pass's buffers
+            raise RuntimeError("a native grid stack pass has one backward (retain_graph is not supported); "
+                               "set ALIVE_NATIVE=0 or use alive.native.disabled() for more")
         flat, x = ctx.saved_tensors
-        return ctx.dense.backward(flat.detach(), x, saved, grad_logits, grad_pen), None, None, None
+        return ctx.dense.backward(flat.detach(), x, ctx.saved, grad_logits, grad_pen), None, None, None
 
 
 def _ce_acc(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -809,9 +818,15 @@ def train_groups(groups: Sequence[Sequence[RunConfig]], device=None, progress: s
     check_workers(workers)
     groups = [list(g) for g in groups]
     if workers > 1:
-        overhead = _layer_overhead(device)
-        groups.sort(key=lambda g: g[0].epochs * _stack_cost(g, overhead), reverse=True)
+        groups = largest_first(groups, device)
     return in_workers(_train_and_store, [(g, device, progress, store) for g in groups], workers, what="grid group")
+
+
+def largest_first(groups: Sequence[Sequence[RunConfig]], device=None) -> list[list[RunConfig]]:
+    """``groups`` in the order worker processes start them: the most work first (by
+    :func:`_stack_cost` × epochs), so that the last to start are short."""
+    overhead = _layer_overhead(device)
+    return sorted((list(g) for g in groups), key=lambda g: g[0].epochs * _stack_cost(g, overhead), reverse=True)
 
 
 def _train_and_store(group: list[RunConfig], device, progress: str, store) -> list[dict]:

@@ -122,11 +122,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fwd.restype = bwd.restype = i32
     fwd, bwd = lib.stack_forward_f32, lib.stack_backward_f32
     shape = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, i64, i64]
-    fwd.argtypes = shape + [p, p, f64, f64, p, p, f64, f64, i32, p, p, p, p, p]
+    fwd.argtypes = shape + [p, p, f64, f64, p, p, f64, f64, i32, i32, p, p, p, p, p]
     bwd.argtypes = shape + [p, p, f64, f64, i32, p, p, p, p, p, p]
     fwd.restype = bwd.restype = i32
     lib.stack_saved_f32.argtypes = [p, p, i64, i64, i32]
     lib.stack_saved_f32.restype = i64
+    lib.stack_penalised_f32.argtypes = [p, i64, p, p]
+    lib.stack_penalised_f32.restype = i64
     return lib
 
 
@@ -221,7 +223,11 @@ class DenseStack:
     flat parameter, per layer ``"weight"``, ``"bias"`` (and ``"gamma"``, ``"beta"`` with
     BatchNorm), and ``"head_w"``, ``"head_b"``; ``running``: each layer's running mean and
     variance buffers (``(nets, wm)``, BatchNorm only); ``coef_u`` / ``coef_p``: each network's
-    λ, or ``None`` for no penalty.
+    λ (both or neither: no penalty).
+
+    A training :meth:`forward` returns what its :meth:`backward` reads; :meth:`backward` hands
+    those buffers back for the next pass (a training loop then does not page-fault tens of MB
+    in every step), and a pass dropped without a backward simply lets them go.
     """
 
     def __init__(self, depths, widths, wm: int, inputs: int, classes: int, offsets: dict,
@@ -235,6 +241,8 @@ class DenseStack:
             raise ValueError("DenseStack needs widths in 1..wm and depths >= 1")
         if (self.depth[1:] > self.depth[:-1]).any():
             raise ValueError("DenseStack needs the networks sorted by depth, deepest first")
+        if min(inputs, classes) < 1:
+            raise ValueError(f"DenseStack needs inputs and classes >= 1, got {inputs} and {classes}")
         self.n, self.wm, self.inputs, self.classes = len(self.depth), wm, inputs, classes
         layers = int(self.depth[0])
         self.batchnorm = running is not None
@@ -250,40 +258,40 @@ class DenseStack:
         for l, n in enumerate(nets):
             ends.append(int(self.offsets["weight"][l]) + n * (inputs if l == 0 else wm) * wm)
             ends += [int(self.offsets[k][l]) + n * wm for k in keys[1:]]
-        starts = [min(int(self.offsets[k].min()) for k in keys), *self.head]
-        if min(starts) < 0:
+        if min(min(int(self.offsets[k].min()) for k in keys), *self.head) < 0:
             raise ValueError("DenseStack offsets must be >= 0")
         self.extent = max(ends)
         if running is not None:
-            if len(running) != layers or any(m.numel() < n * wm or v.numel() < n * wm or not m.is_contiguous()
-                                             or not v.is_contiguous() or m.dtype != torch.float32 or v.dtype != torch.float32
-                                             for (m, v), n in zip(running, nets)):
-                raise ValueError("DenseStack needs, per layer, contiguous float32 running statistics of (nets, wm)")
+            if len(running) != layers or any(
+                    t.numel() < n * wm or not t.is_contiguous() or t.dtype != torch.float32 or t.device.type != "cpu"
+                    for pair, n in zip(running, nets) for t in pair):
+                raise ValueError("DenseStack needs, per layer, contiguous float32 CPU running statistics of (nets, wm)")
         self.running = running
         self.eps, self.momentum = float(eps), float(momentum)
+        if (coef_u is None) != (coef_p is None):
+            raise ValueError("DenseStack takes both coef_u and coef_p, or neither")
+        for c in (coef_u, coef_p):
+            if c is not None and (c.numel() != self.n or c.device.type != "cpu"):
+                raise ValueError(f"DenseStack needs coef_u and coef_p of {self.n} values on the CPU")
         self.penalised = coef_u is not None and bool(((coef_u != 0) | (coef_p != 0)).any())
-        self.coef_u = coef_u.float().contiguous() if self.penalised else None
-        self.coef_p = coef_p.float().contiguous() if self.penalised else None
+        self.coef_u = coef_u.detach().float().contiguous() if self.penalised else None
+        self.coef_p = coef_p.detach().float().contiguous() if self.penalised else None
         self.rho, self.margin, self.agg = float(rho), float(margin), AGGREGATIONS[aggregation]
-        self.layer_count = int(self.depth.sum())
-        self._spare: tuple | None = None  # (points, (save, ext, idx)) of the last training pass
+        self._spare: tuple | None = None  # (save, ext, idx) handed back by the last backward
+        self._spare_lock = threading.Lock()
 
     def _buffers(self, lib: ctypes.CDLL, points: int) -> tuple:
-        """What a training forward pass saves for its backward: the last pass's buffers when
-        nothing holds them any more (its backward is done), so that a training loop does not
-        page-fault tens of MB in every step (blocks above glibc's mmap threshold)."""
-        spare = self._spare
-        if spare is not None and spare[0] == points and sys.getrefcount(spare[1]) == 2:  # held here only
-            return spare[1]
-        save = torch.empty(lib.stack_saved_f32(self.depth.data_ptr(), self.width.data_ptr(), self.n, points,
-                                               int(self.batchnorm)))
-        ext = idx = None
-        if self.penalised:
-            E = 2 * self.wm + 2 * points
-            ext = torch.empty(self.layer_count, E)
-            idx = torch.empty(self.layer_count, E, dtype=torch.int32)
-        self._spare = (points, (save, ext, idx))
-        return self._spare[1]
+        """Buffers for a training pass of ``points`` points: the spare ones when large enough
+        (the layout for fewer points is a prefix of that for more)."""
+        need = lib.stack_saved_f32(self.depth.data_ptr(), self.width.data_ptr(), self.n, points, int(self.batchnorm))
+        blocks = lib.stack_penalised_f32(self.depth.data_ptr(), self.n, self.coef_u.data_ptr(),
+                                         self.coef_p.data_ptr()) if self.penalised else 0
+        size = blocks * (2 * self.wm + 2 * points)
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare[0].numel() >= need and (not blocks or spare[1].numel() >= size):
+            return spare
+        return torch.empty(need), torch.empty(size), torch.empty(size, dtype=torch.int32)
 
     def _common(self, flat: Tensor, x: Tensor, points: int) -> list:
         o = self.offsets
@@ -301,6 +309,8 @@ class DenseStack:
         if x.shape[-1] != self.inputs or x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[0] != self.n):
             raise ValueError(f"DenseStack takes inputs (points, {self.inputs}) or ({self.n}, points, {self.inputs}), "
                              f"got {tuple(x.shape)}")
+        if x.shape[-2] < 1:
+            raise ValueError("DenseStack needs at least one point")
         return x.shape[-2]
 
     def forward(self, flat: Tensor, x: Tensor, train: bool) -> tuple[Tensor, Tensor, tuple | None]:
@@ -308,36 +318,57 @@ class DenseStack:
         :meth:`backward`) only when ``train``: BatchNorm then normalises by the batch and
         updates its running statistics, and the penalty is computed."""
         P = self._check(flat, x)
+        if train and self.batchnorm and P < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {P} point")  # as BatchNorm
         lib = _loaded()
         logits = torch.empty(self.n, P, self.classes)
         pen = torch.zeros(self.n)
-        saved = self._buffers(lib, P) if train else None  # this very tuple goes to the backward pass
-        save, ext, idx = saved or (None, None, None)
+        save, ext, idx = self._buffers(lib, P) if train else (None, None, None)
         rm = rv = None
         if self.batchnorm:
             rm = (ctypes.c_void_p * len(self.running))(*[m.data_ptr() for m, _ in self.running])
             rv = (ctypes.c_void_p * len(self.running))(*[v.data_ptr() for _, v in self.running])
         pen_args = (_ptr(self.coef_u), _ptr(self.coef_p)) if self.penalised else (None, None)
         if lib.stack_forward_f32(*self._common(flat, x, P), rm, rv, self.eps, self.momentum, *pen_args, self.rho,
-                                 self.margin, self.agg, _ptr(save), _ptr(ext), _ptr(idx), logits.data_ptr(),
-                                 pen.data_ptr()):
+                                 self.margin, self.agg, int(train), _ptr(save), _ptr(ext), _ptr(idx),
+                                 logits.data_ptr(), pen.data_ptr()):
             raise MemoryError("the native dense stack kernel could not allocate its work buffer")
-        return logits, pen, saved
+        return logits, pen, (_Pass(self, P, (save, ext, idx)) if train else None)
 
     def backward(self, flat: Tensor, x: Tensor, saved: tuple, grad_logits: Tensor, grad_pen: Tensor | None) -> Tensor:
         """The gradient with respect to ``flat`` of ``Σ grad_logits·logits + Σ grad_pen·penalty``
-        for the forward pass that returned ``saved``."""
+        for the training pass that returned ``saved`` (``flat`` and ``x`` as they were then);
+        its buffers go back for the next pass, so ``saved`` serves one backward."""
         P = self._check(flat, x)
-        save, ext, idx = saved
+        if not (isinstance(saved, _Pass) and saved.stack is self and saved.points == P):
+            raise ValueError(f"DenseStack.backward needs what this stack's forward pass of these {P} points returned")
+        if saved.buffers is None:
+            raise RuntimeError("DenseStack.backward: this pass's backward was already run (its buffers are reused)")
+        save, ext, idx = saved.buffers
         grad_logits = grad_logits.float().contiguous()
-        if grad_logits.shape != (self.n, P, self.classes):
+        if grad_logits.shape != (self.n, P, self.classes) or grad_logits.device.type != "cpu":
             raise ValueError(f"DenseStack.backward: gradient of shape {tuple(grad_logits.shape)} for logits "
                              f"{(self.n, P, self.classes)}")
-        gpen = None if grad_pen is None or not self.penalised else grad_pen.float().contiguous()
+        gpen = None
+        if grad_pen is not None and self.penalised:
+            gpen = grad_pen.float().contiguous()
+            if gpen.numel() != self.n or gpen.device.type != "cpu":
+                raise ValueError(f"DenseStack.backward: {gpen.numel()} penalty gradients for {self.n} networks")
         grad = torch.zeros_like(flat)
         pen_args = (_ptr(self.coef_u), _ptr(self.coef_p)) if self.penalised else (None, None)
         if _loaded().stack_backward_f32(*self._common(flat, x, P), *pen_args, self.rho, self.margin, self.agg,
                                         save.data_ptr(), _ptr(ext), _ptr(idx), grad_logits.data_ptr(), _ptr(gpen),
                                         grad.data_ptr()):
             raise MemoryError("the native dense stack kernel could not allocate its work buffer")
+        with self._spare_lock:
+            self._spare, saved.buffers = saved.buffers, None
         return grad
+
+
+class _Pass:
+    """What a training pass of a :class:`DenseStack` saved for its backward (once)."""
+
+    __slots__ = ("stack", "points", "buffers")
+
+    def __init__(self, stack: DenseStack, points: int, buffers: tuple):
+        self.stack, self.points, self.buffers = stack, points, buffers

@@ -26,9 +26,13 @@
  */
 
 typedef float v8f __attribute__((vector_size(32)));
+/* the same 8 floats at any address (unaligned loads and stores of float arrays) */
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+#define ld8(p) (*(const v8u *)(p))
+#define st8(p, v) (*(v8u *)(p) = (v))
+/* in index order, as a scalar loop would add them */
+#define hsum8(v) ((((((((v)[0] + (v)[1]) + (v)[2]) + (v)[3]) + (v)[4]) + (v)[5]) + (v)[6]) + (v)[7])
 
-static inline __attribute__((always_inline)) v8f ld8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
-static inline __attribute__((always_inline)) void st8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
 /* out[r][p] = (bias ? bias[r] : 0) + Σ_s m[s·ms + r·mr] · in[s][p]  (r < R, s < S, p < LD) */
 HOT FUSED static void mm(const float *restrict m, int64_t ms, int64_t mr, const float *restrict bias,
@@ -81,7 +85,6 @@ HOT FUSED static void mm(const float *restrict m, int64_t ms, int64_t mr, const 
     }
 }
 
-static inline __attribute__((always_inline)) float hsum8(v8f v) { float s = 0; for (int j = 0; j < 8; j++) s += v[j]; return s; }
 
 /* out[s·os + r·orr] = Σ_{p<P} a[s][p] · b[r][p]  (s < S, r < R): weight gradients */
 HOT FUSED static void dots(const float *restrict a, const float *restrict b, int64_t S, int64_t R, int64_t P, int64_t LD,
@@ -168,17 +171,28 @@ int64_t stack_saved_f32(const int32_t *depth, const int32_t *width, int64_t N, i
     return total;
 }
 
-/* The forward pass: logits (N, P, C) and the penalty of each network (N). x + i·x_stride: the
- * (P, F) inputs of network i. save == NULL: evaluation (BatchNorm's running statistics, no
- * penalty, nothing saved); otherwise training: BatchNorm normalises by the batch and updates
- * its running statistics, and networks with cu or cp != 0 get the separation penalty of
- * every hidden layer's pre-activation (before BatchNorm), first ties, in ext / idx. cu / cp
- * NULL: no penalty at all. Returns 0, or -1 when out of memory. */
+/* Penalty blocks (rows of ext / idx) of a training pass: one per layer of each network with
+ * cu or cp != 0. */
+int64_t stack_penalised_f32(const int32_t *depth, int64_t N, const float *cu, const float *cp)
+{
+    int64_t total = 0;
+    for (int64_t i = 0; i < N; i++) total += cu[i] != 0 || cp[i] != 0 ? depth[i] : 0;
+    return total;
+}
+
+/* The forward pass: logits (N, P, C) and the penalty of each network (N), P >= 1. x +
+ * i·x_stride: the (P, F) inputs of network i. train == 0: evaluation (BatchNorm's running
+ * statistics, no penalty, nothing saved; save, ext and idx are not read); otherwise training:
+ * BatchNorm normalises by the batch (P >= 2) and updates its running statistics (padded units
+ * too, as PyTorch's kernel does with their zero inputs), and networks with cu or cp != 0 get
+ * the separation penalty of every hidden layer's pre-activation (before BatchNorm), first
+ * ties, in ext / idx: one block per layer of each such network, in order (stack_penalised_f32
+ * counts them). cu / cp NULL: no penalty at all. Returns 0, or -1 when out of memory. */
 int stack_forward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, int64_t F, int64_t C, int64_t wm,
                       const int32_t *depth, const int32_t *width, const float *flat,
                       const int64_t *w_off, const int64_t *b_off, const int64_t *g_off, const int64_t *e_off,
                       int64_t h_off, int64_t hb_off, float *const *rm, float *const *rv, double eps, double momentum,
-                      const float *cu, const float *cp, double rho, double margin, int agg,
+                      const float *cu, const float *cp, double rho, double margin, int agg, int train,
                       float *save, float *ext, int32_t *idx, float *logits, float *pen)
 {
     int64_t LD = round8(P), K0 = F > wm ? F : wm, E = 2 * wm + 2 * P;
@@ -187,14 +201,15 @@ int stack_forward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, in
     float *buf = calloc((size_t)((K0 + 3 * wm + C) * LD), sizeof(float));
     if (!buf) return -1;
     float *xt = buf, *z = xt + K0 * LD, *y = z + wm * LD, *h = y + wm * LD, *o = h + wm * LD;
+    if (!train) save = NULL, ext = NULL, idx = NULL;
     int64_t saved = 0, layer_index = 0;
     for (int64_t i = 0; i < N; i++) {
         int64_t R = width[i], D = depth[i];
-        int penalised = save && cu && (cu[i] != 0 || cp[i] != 0);
+        int penalised = train && cu && (cu[i] != 0 || cp[i] != 0);
         double total = 0;
         to_columns(x + i * x_stride, P, F, LD, xt);
         const float *in = xt;
-        for (int64_t l = 0; l < D; l++, layer_index++) {
+        for (int64_t l = 0; l < D; l++) {
             int64_t K = l == 0 ? F : R, Kp = l == 0 ? F : wm;
             const float *W = flat + w_off[l] + i * Kp * wm;
             float *zl = save && !bn ? save + saved : z;
@@ -209,6 +224,7 @@ int stack_forward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, in
                 for (int64_t p = 0; p < P; p++) { float s = slack_f32(hp[p], lp[p], rho, margin); sp += agg == 1 ? (double)s * s : s; }
                 if (agg == 2) { su /= (double)R; sp /= (double)P; }
                 total += (cu[i] != 0 ? cu[i] * su : 0) + (cp[i] != 0 ? cp[i] * sp : 0);
+                layer_index++;
             }
             const float *yl = zl;
             if (bn) {
@@ -235,6 +251,11 @@ int stack_forward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, in
                         for (int64_t p = 0; p < P; p++) yu[p] = gamma[u] * ((zu[p] - mu) * is) + beta[u];
                     }
                 }
+                if (save)  /* padded units: PyTorch's kernel sees zeros there (mean 0, variance 0) */
+                    for (int64_t u = R; u < wm; u++) {
+                        mean[u] = (float)((1 - momentum) * mean[u]);
+                        var[u] = (float)((1 - momentum) * var[u]);
+                    }
                 yl = y;
             }
             if (save) saved += saved_per_layer(R, P, bn);
@@ -305,7 +326,7 @@ int stack_backward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, i
         int64_t R = width[i], D = depth[i], per = saved_per_layer(R, P, bn);
         const float *s_top = save + saved + (D - 1) * per;
         float G = gpen ? gpen[i] : 0;
-        int penalised = cu && (cu[i] != 0 || cp[i] != 0) && G != 0;
+        int has_penalty = cu && (cu[i] != 0 || cp[i] != 0), penalised = has_penalty && G != 0;
         const float *gamma_top = bn ? flat + g_off[D - 1] + i * wm : NULL, *beta_top = bn ? flat + e_off[D - 1] + i * wm : NULL;
         const float *y = layer_output(s_top, R, P, LD, bn, gamma_top, beta_top, ya);
         relu_rows(y, R, P, LD, h);
@@ -354,7 +375,7 @@ int stack_backward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, i
             if (l > 0) mm(flat + w_off[l] + i * Kp * wm, 1, wm, NULL, gz, R, R, LD, gh);
         }
         saved += D * per;
-        layers += D;
+        if (has_penalty) layers += D;
     }
     free(buf);
     return 0;
