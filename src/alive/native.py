@@ -127,8 +127,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fwd.restype = bwd.restype = i32
     lib.stack_saved_f32.argtypes = [p, p, i64, i64, i32]
     lib.stack_saved_f32.restype = i64
-    lib.stack_penalised_f32.argtypes = [p, i64, p, p]
-    lib.stack_penalised_f32.restype = i64
     return lib
 
 
@@ -277,6 +275,8 @@ class DenseStack:
         self.coef_u = coef_u.detach().float().contiguous() if self.penalised else None
         self.coef_p = coef_p.detach().float().contiguous() if self.penalised else None
         self.rho, self.margin, self.agg = float(rho), float(margin), AGGREGATIONS[aggregation]
+        # rows of the penalty's extremes a training pass keeps: one per layer of a penalised network
+        self.penalty_blocks = int(self.depth[(self.coef_u != 0) | (self.coef_p != 0)].sum()) if self.penalised else 0
         self._spare: tuple | None = None  # (save, ext, idx) handed back by the last backward
         self._spare_lock = threading.Lock()
 
@@ -284,12 +284,10 @@ class DenseStack:
         """Buffers for a training pass of ``points`` points: the spare ones when large enough
         (the layout for fewer points is a prefix of that for more)."""
         need = lib.stack_saved_f32(self.depth.data_ptr(), self.width.data_ptr(), self.n, points, int(self.batchnorm))
-        blocks = lib.stack_penalised_f32(self.depth.data_ptr(), self.n, self.coef_u.data_ptr(),
-                                         self.coef_p.data_ptr()) if self.penalised else 0
-        size = blocks * (2 * self.wm + 2 * points)
+        size = self.penalty_blocks * (2 * self.wm + 2 * points)
         with self._spare_lock:
             spare, self._spare = self._spare, None
-        if spare is not None and spare[0].numel() >= need and (not blocks or spare[1].numel() >= size):
+        if spare is not None and spare[0].numel() >= need and spare[1].numel() >= size:
             return spare
         return torch.empty(need), torch.empty(size), torch.empty(size, dtype=torch.int32)
 

@@ -171,23 +171,13 @@ int64_t stack_saved_f32(const int32_t *depth, const int32_t *width, int64_t N, i
     return total;
 }
 
-/* Penalty blocks (rows of ext / idx) of a training pass: one per layer of each network with
- * cu or cp != 0. */
-int64_t stack_penalised_f32(const int32_t *depth, int64_t N, const float *cu, const float *cp)
-{
-    int64_t total = 0;
-    for (int64_t i = 0; i < N; i++) total += cu[i] != 0 || cp[i] != 0 ? depth[i] : 0;
-    return total;
-}
-
 /* The forward pass: logits (N, P, C) and the penalty of each network (N), P >= 1. x +
  * i·x_stride: the (P, F) inputs of network i. train == 0: evaluation (BatchNorm's running
  * statistics, no penalty, nothing saved; save, ext and idx are not read); otherwise training:
  * BatchNorm normalises by the batch (P >= 2) and updates its running statistics (padded units
  * too, as PyTorch's kernel does with their zero inputs), and networks with cu or cp != 0 get
  * the separation penalty of every hidden layer's pre-activation (before BatchNorm), first
- * ties, in ext / idx: one block per layer of each such network, in order (stack_penalised_f32
- * counts them). cu / cp NULL: no penalty at all. Returns 0, or -1 when out of memory. */
+ * ties, in ext / idx: one block per layer of each such network, in order. cu / cp NULL: no penalty at all. Returns 0, or -1 when out of memory. */
 int stack_forward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, int64_t F, int64_t C, int64_t wm,
                       const int32_t *depth, const int32_t *width, const float *flat,
                       const int64_t *w_off, const int64_t *b_off, const int64_t *g_off, const int64_t *e_off,
@@ -219,11 +209,7 @@ int stack_forward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, in
                 int32_t *iu = idx + layer_index * E, *ju = iu + wm, *ip = ju + wm, *jp = ip + P;
                 extremes_f32(zl, P, LD, R, 1, hu, hp, iu, ip);
                 extremes_f32(zl, P, LD, R, -1, lu, lp, ju, jp);
-                double su = 0, sp = 0;
-                for (int64_t u = 0; u < R; u++) { float s = slack_f32(hu[u], lu[u], rho, margin); su += agg == 1 ? (double)s * s : s; }
-                for (int64_t p = 0; p < P; p++) { float s = slack_f32(hp[p], lp[p], rho, margin); sp += agg == 1 ? (double)s * s : s; }
-                if (agg == 2) { su /= (double)R; sp /= (double)P; }
-                total += (cu[i] != 0 ? cu[i] * su : 0) + (cp[i] != 0 ? cp[i] * sp : 0);
+                total += layer_penalty_f32(hu, lu, hp, lp, R, P, cu[i], cp[i], rho, margin, agg);
                 layer_index++;
             }
             const float *yl = zl;
@@ -346,18 +332,9 @@ int stack_backward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, i
             if (penalised) {
                 int64_t q = layers + l;
                 const float *hu = ext + q * E, *lu = hu + wm, *hp = lu + wm, *lp = hp + P;
-                const int32_t *iu = idx + q * E, *ju = iu + wm, *ip = ju + wm, *jp = ip + P;
-                float c_u = cu[i] != 0 ? G * cu[i] : 0, c_p = cp[i] != 0 ? G * cp[i] : 0;
-                for (int64_t u = 0; u < R; u++) slack_grads_f32(hu[u], lu[u], c_u, rho, margin, agg, R, gu_h + u, gu_l + u);
-                for (int64_t p = 0; p < P; p++) slack_grads_f32(hp[p], lp[p], c_p, rho, margin, agg, P, gp_h + p, gp_l + p);
-                if (c_u != 0) {
-                    for (int64_t u = 0; u < R; u++) gz[u * LD + iu[u]] += gu_h[u];
-                    for (int64_t u = 0; u < R; u++) gz[u * LD + ju[u]] += gu_l[u];
-                }
-                if (c_p != 0) {
-                    for (int64_t p = 0; p < P; p++) gz[ip[p] * LD + p] += gp_h[p];
-                    for (int64_t p = 0; p < P; p++) gz[jp[p] * LD + p] += gp_l[p];
-                }
+                int any_u, any_p;  /* entry (p, u) of the units-major gz at u·LD + p */
+                hinge_grads_f32(hu, lu, hp, lp, R, P, G, cu[i], cp[i], rho, margin, agg, gu_h, gu_l, gp_h, gp_l, &any_u, &any_p);
+                scatter_first_f32(idx + q * E, wm, R, P, gu_h, gu_l, gp_h, gp_l, any_u, any_p, 1, LD, gz, gz);
             }
             const float *in;
             if (l > 0) {

@@ -83,6 +83,18 @@ static inline T F(slack)(T hi, T lo, double rho, double margin)
     return (T)rho * (sh < 0 ? 0 : sh) + (T)(1.0 - rho) * (sl < 0 ? 0 : sl);
 }
 
+/* cu·A(s_u) + cp·A(s_p) of one layer from its extremes (R units, P points), summed in double;
+ * a zero coefficient leaves its term out */
+static double F(layer_penalty)(const T *hu, const T *lu, const T *hp, const T *lp, int64_t R, int64_t P, T cu, T cp,
+                               double rho, double margin, int agg)
+{
+    double su = 0, sp = 0;
+    for (int64_t u = 0; u < R; u++) { T s = F(slack)(hu[u], lu[u], rho, margin); su += agg == 1 ? (double)s * s : s; }
+    for (int64_t p = 0; p < P; p++) { T s = F(slack)(hp[p], lp[p], rho, margin); sp += agg == 1 ? (double)s * s : s; }
+    if (agg == 2) { su /= (double)R; sp /= (double)P; }
+    return (cu != 0 ? cu * su : 0) + (cp != 0 ? cp * sp : 0);
+}
+
 /* out[k] = cu[k]·A(s_u) + cp[k]·A(s_p), A: sum (agg 0), sum of squares (1) or mean (2);
  * a zero coefficient leaves its term out. ext[k] = [hu (U) | lu (U) | hp (P) | lp (P)] and,
  * when idx is given ("first" ties), idx[k] its arg-extremes. zl: the minima's input (zh's
@@ -111,11 +123,7 @@ int F(sep_forward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, co
         F(extremes)(zt, P, P, R, 1, hu, hp, iu, ip);
         if (zl != zh) F(transpose)(zl + k * P * U, P, U, R, zt);
         F(extremes)(zt, P, P, R, -1, lu, lp, ju, jp);
-        double su = 0, sp = 0;
-        for (int64_t u = 0; u < R; u++) { T s = F(slack)(hu[u], lu[u], rho, margin); su += agg == 1 ? (double)s * s : s; }
-        for (int64_t p = 0; p < P; p++) { T s = F(slack)(hp[p], lp[p], rho, margin); sp += agg == 1 ? (double)s * s : s; }
-        if (agg == 2) { su /= (double)R; sp /= (double)P; }
-        out[k] = (T)((cu[k] != 0 ? cu[k] * su : 0) + (cp[k] != 0 ? cp[k] * sp : 0));
+        out[k] = (T)F(layer_penalty)(hu, lu, hp, lp, R, P, cu[k], cp[k], rho, margin, agg);
     }
     free(zt);
     return 0;
@@ -130,6 +138,41 @@ static inline void F(slack_grads)(T hi, T lo, T c, double rho, double margin, in
     else if (agg == 2) ds = c / (T)count;
     *gh = hi >= (T)margin ? 0 : ds * (T)(-rho);
     *gl = lo <= (T)(-margin) ? 0 : ds * (T)(1.0 - rho);
+}
+
+/* The gradients of one layer's terms (upstream gradient G) with respect to its unit extremes
+ * (gu_h, gu_l: R) and point extremes (gp_h, gp_l: P); any_u / any_p: whether any is non-zero. */
+static void F(hinge_grads)(const T *hu, const T *lu, const T *hp, const T *lp, int64_t R, int64_t P, T G, T cu, T cp,
+                           double rho, double margin, int agg, T *gu_h, T *gu_l, T *gp_h, T *gp_l, int *any_u, int *any_p)
+{
+    T c_u = cu != 0 ? G * cu : 0, c_p = cp != 0 ? G * cp : 0;
+    *any_u = *any_p = 0;
+    for (int64_t u = 0; u < R; u++) {
+        F(slack_grads)(hu[u], lu[u], c_u, rho, margin, agg, R, gu_h + u, gu_l + u);
+        *any_u |= gu_h[u] != 0 || gu_l[u] != 0;
+    }
+    for (int64_t p = 0; p < P; p++) {
+        F(slack_grads)(hp[p], lp[p], c_p, rho, margin, agg, P, gp_h + p, gp_l + p);
+        *any_p |= gp_h[p] != 0 || gp_l[p] != 0;
+    }
+}
+
+/* Add the extremes' gradients at their first positions (idx: [iu | ju | ip | jp], U units
+ * and P points, the layout of sep_forward's idx) into dh (maxima) and dl (minima, dh itself
+ * for dense layers), entry (p, u) at p·ps + u·us: unit maxima, unit minima, point maxima,
+ * point minima. */
+static void F(scatter_first)(const int32_t *idx, int64_t U, int64_t R, int64_t P, const T *gu_h, const T *gu_l,
+                             const T *gp_h, const T *gp_l, int any_u, int any_p, int64_t ps, int64_t us, T *dh, T *dl)
+{
+    const int32_t *iu = idx, *ju = iu + U, *ip = ju + U, *jp = ip + P;
+    if (any_u) {
+        for (int64_t u = 0; u < R; u++) dh[iu[u] * ps + u * us] += gu_h[u];
+        for (int64_t u = 0; u < R; u++) dl[ju[u] * ps + u * us] += gu_l[u];
+    }
+    if (any_p) {
+        for (int64_t p = 0; p < P; p++) dh[p * ps + ip[p] * us] += gp_h[p];
+        for (int64_t p = 0; p < P; p++) dl[p * ps + jp[p] * us] += gp_l[p];
+    }
 }
 
 /* Add to the columns dt the gradients gu of their extremes eu and gp of the points' extremes
@@ -187,27 +230,11 @@ int F(sep_backward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, c
         if (!joint) memset(dl, 0, sizeof(T) * (size_t)(P * U));
         const T *hu = ext + k * E, *lu = hu + U, *hp = lu + U, *lp = hp + P;
         if (cu[k] == 0 && cp[k] == 0) continue;
-        T c_u = cu[k] != 0 ? G[k] * cu[k] : 0, c_p = cp[k] != 0 ? G[k] * cp[k] : 0;
-        int any_u = 0, any_p = 0;
-        for (int64_t u = 0; u < R; u++) {
-            F(slack_grads)(hu[u], lu[u], c_u, rho, margin, agg, R, gu_h + u, gu_l + u);
-            any_u |= gu_h[u] != 0 || gu_l[u] != 0;
-        }
-        for (int64_t p = 0; p < P; p++) {
-            F(slack_grads)(hp[p], lp[p], c_p, rho, margin, agg, P, gp_h + p, gp_l + p);
-            any_p |= gp_h[p] != 0 || gp_l[p] != 0;
-        }
+        int any_u, any_p;
+        F(hinge_grads)(hu, lu, hp, lp, R, P, G[k], cu[k], cp[k], rho, margin, agg, gu_h, gu_l, gp_h, gp_l, &any_u, &any_p);
         if (!any_u && !any_p) continue;
-        if (idx) {
-            const int32_t *iu = idx + k * E, *ju = iu + U, *ip = ju + U, *jp = ip + P;
-            if (any_u) {
-                for (int64_t u = 0; u < R; u++) dh[iu[u] * U + u] += gu_h[u];
-                for (int64_t u = 0; u < R; u++) dl[ju[u] * U + u] += gu_l[u];
-            }
-            if (any_p) {
-                for (int64_t p = 0; p < P; p++) dh[p * U + ip[p]] += gp_h[p];
-                for (int64_t p = 0; p < P; p++) dl[p * U + jp[p]] += gp_l[p];
-            }
+        if (idx) {  /* entry (p, u) at p·U + u */
+            F(scatter_first)(idx + k * E, U, R, P, gu_h, gu_l, gp_h, gp_l, any_u, any_p, U, 1, dh, dl);
             continue;
         }
         memset(dt, 0, sizeof(T) * (size_t)(R * P));
