@@ -319,6 +319,7 @@ def test_hooks_capture_preactivations_and_remove_cleanly():
     sep.remove()
     net(x)
     assert sep.preactivations == [] and not net._forward_pre_hooks and not net[0]._forward_hooks
+    assert "forward" not in net[0].__dict__ and net[0].forward.__func__ is nn.Linear.forward
 
 
 def test_context_manager_options_and_conv():
@@ -666,7 +667,8 @@ def test_deepcopy_and_pickle_of_a_constrained_model_after_a_forward():
     torch.save(net, io.BytesIO())
     assert torch.equal(twin(x), net(x))
     assert sep.penalty().item() == want and len(sep.preactivations) == 1  # the original is untouched
-    copied = next(iter(twin[0]._forward_hooks.values())).__self__
+    copied = twin[0].forward.constraint
+    assert twin[0].forward.layer is twin[0] and net[0].forward.layer is net[0]
     assert copied is not sep and len(copied.preactivations) == 1  # the copy's own constraint captured its own pass
     assert copied.preactivations[0] is not sep.preactivations[0]
     sep.remove()

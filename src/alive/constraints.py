@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .functional import TIES, _check_options, native_separation_penalty, stacked_separation_penalty
+from .functional import TIES, _check_options, _native_applies, native_separation_penalty, stacked_separation_penalty
 
 __all__ = ["SeparationConstraint", "hidden_layers", "WEIGHTED_TYPES"]
 
@@ -101,6 +101,30 @@ class _Densify(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return grad.to_dense() if grad.is_sparse else grad
+
+
+class _CapturingForward:
+    """A constrained layer's forward, then the constraint's capture of its output.
+
+    Set on the layer as its instance attribute ``forward``: ``nn.Module.__call__`` then keeps
+    its fast path, where a forward hook would send every call of the layer through the hooks'
+    slow one (on a 50-layer, 4-unit MLP that was about 5 % of a training step). ``inner``: a
+    forward already set on the instance (another constraint's), else the class's is called.
+    After :meth:`SeparationConstraint.remove` (``constraint`` ``None``) it only passes through,
+    where it could not be taken out (something wrapped the forward again since).
+    """
+
+    def __init__(self, constraint: "SeparationConstraint", layer: nn.Module):
+        self.constraint, self.layer = constraint, layer
+        self.inner = layer.__dict__.get("forward")
+        # an unbatched input (C, *spatial) of a conv layer gives an output of this many dimensions
+        self.unbatched = len(layer.kernel_size) + 1 if isinstance(layer, _ConvNd) else None
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer
+        out = type(layer).forward(layer, *args, **kwargs) if self.inner is None else self.inner(*args, **kwargs)
+        c = self.constraint
+        return out if c is None else c._capture(layer, self.unbatched, out)
 
 
 def _global_extremes(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,8 +233,13 @@ class SeparationConstraint:
         self._output_at: int | None = None  # captures made before the presumed output layer last ran
         self._warned = False
         self._coefs: dict[tuple, tuple[Tensor, Tensor]] = {}  # (layers, dtype, kind) -> the native kernel's (λ_U, λ_P) flags
+        self._stackable = True  # the last pass's layers stacked into one tensor (one shape)
         self._handles = [model.register_forward_pre_hook(self._reset)]
-        self._handles += [layer.register_forward_hook(self._capture) for layer in self.layers]
+        self._forwards = []
+        for layer in self.layers:
+            wrapper = _CapturingForward(self, layer)
+            layer.forward = wrapper
+            self._forwards.append(wrapper)
         if layers is None and not include_output:
             self._output_layer = hidden_layers(model, include_output=True)[-1]
             self._handles.append(self._output_layer.register_forward_hook(self._output_ran))
@@ -222,10 +251,16 @@ class SeparationConstraint:
     def _output_ran(self, module, args, output) -> None:
         self._output_at = len(self._raw)
 
-    def _capture(self, module, args, output: Tensor) -> Tensor | None:
+    def _capture(self, module: nn.Module, unbatched: int | None, output: Tensor) -> Tensor:
         if not isinstance(output, Tensor):
             raise TypeError(f"the constrained layer {type(module).__name__} returned a {type(output).__name__}, "
                             "not a tensor of pre-activations; constrain Linear/Conv-like layers (layers=)")
+        if output.dim() == 2 and unbatched != 2:  # (points, units): the usual dense layer, taken as it is
+            self._raw.append(output)
+            self._captured.append(output)
+            self._densified.append(False)
+            self._versions.append(None if output.is_inference() or torch.compiler.is_compiling() else output._version)
+            return output
         # CPU feature maps take the penalty's gradient as a sparse tensor (see _Densify); the
         # model goes on with the identity's output (same values and memory). A compiled graph
         # cannot take a sparse gradient, so compiled forwards keep the dense path.
@@ -238,22 +273,23 @@ class SeparationConstraint:
             and not compiling
         )
         self._raw.append(output)
-        if isinstance(module, _ConvNd) and output.dim() == len(module.kernel_size) + 1:
+        captured = output
+        if unbatched is not None and output.dim() == unbatched:
             # an unbatched input (C, *spatial) is one point, as the layer itself treats it
-            output = output.unsqueeze(0)
+            captured = output.unsqueeze(0)
             densify = False
         elif isinstance(module, nn.Linear) and output.dim() > 2:
             # a Linear layer maps the last dimension: every leading index (a token, a position) is a point
-            output = output.reshape(-1, output.shape[-1])
+            captured = output.reshape(-1, output.shape[-1])
             densify = False
         if densify:
-            output = _Densify.apply(output)
-        self._captured.append(output)
+            captured = _Densify.apply(output)
+        self._captured.append(captured)
         self._densified.append(densify)
         # no in-place check where there is no counter to read: inference tensors have none, and
         # a compiled graph writes its outputs after its (traced) hooks have run
-        self._versions.append(None if compiling or output.is_inference() else output._version)
-        return output if densify else None
+        self._versions.append(None if compiling or captured.is_inference() else captured._version)
+        return captured if densify else output
 
     # API
     @property
@@ -264,10 +300,9 @@ class SeparationConstraint:
         ``retain_grad``, tensor hooks) are ordinary dense tensors."""
         return list(self._raw)
 
-    def _groups(self, stacklevel: int = 3) -> list[list[int]]:
-        """The captured layers by shape (checked first): layers of one shape are penalised
-        together in one pass (a deep thin net costs a handful of operations, not a handful per
-        layer)."""
+    def _check_pass(self, stacklevel: int) -> None:
+        """Refuse a pass without captures or whose captured outputs were modified in place;
+        warn (once) when the presumed output layer ran before constrained layers."""
         captured = self._captured
         if not captured:
             raise RuntimeError("no forward pass has been recorded since the constraint was attached")
@@ -286,8 +321,14 @@ class SeparationConstraint:
                 "layer (the last Linear/Conv registered in the model), ran before constrained layers in this "
                 "forward pass; if it is not the output layer, choose the layers with layers= (or include_output=True)",
                 stacklevel=stacklevel)
+
+    def _groups(self, stacklevel: int = 3) -> list[list[int]]:
+        """The captured layers by shape (checked first): layers of one shape are penalised
+        together in one pass (a deep thin net costs a handful of operations, not a handful per
+        layer)."""
+        self._check_pass(stacklevel + 1)
         groups: dict[tuple, list[int]] = {}
-        for i, z in enumerate(captured):
+        for i, z in enumerate(self._captured):
             groups.setdefault((z.shape, z.dtype, z.device), []).append(i)
         return list(groups.values())
 
@@ -311,18 +352,38 @@ class SeparationConstraint:
         sync = _distributed()
         return [(idx, *self._terms(idx, sync)) for idx in self._groups(stacklevel=4)]
 
+    def _native_coefs(self, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The native kernel's per-layer (λ_U, λ_P) flags, made once: a new tensor per call is a
+        real share of a thin net's step."""
+        key = (n, dtype, self.kind)
+        coefs = self._coefs.get(key)
+        if coefs is None:
+            coefs = self._coefs[key] = tuple(torch.full((n,), float(k in self.kind), dtype=dtype) for k in "up")
+        return coefs
+
     def _native_total(self, idx: list[int]) -> Tensor | None:
         """g_U + g_P summed over the layers ``idx`` by the native kernel, or ``None`` where it
         does not apply (see :func:`alive.functional.native_separation_penalty`)."""
         zs = [self._captured[i] for i in idx]
-        key = (len(zs), zs[0].dtype, self.kind)
-        cache = self.__dict__.setdefault("_coefs", {})  # (a constraint unpickled from an older version has none)
-        coefs = cache.get(key)
-        if coefs is None:  # made once: a new tensor per call is a real share of a thin net's step
-            coefs = cache[key] = tuple(torch.full((len(zs),), float(k in self.kind), dtype=zs[0].dtype) for k in "up")
         return native_separation_penalty(
-            zs, *coefs, self.rho, self.margin, self.aggregation, self.ties, self.conv_reduction,
-            sparse_grad=all(self._densified[i] for i in idx), total=True)
+            zs, *self._native_coefs(len(zs), zs[0].dtype), self.rho, self.margin, self.aggregation, self.ties,
+            self.conv_reduction, sparse_grad=all(self._densified[i] for i in idx), total=True)
+
+    def _dense_native_penalty(self) -> Tensor | None:
+        """The penalty of a pass whose captures are all dense layers of one shape (a deep
+        rectangular MLP), by the native kernel in one call, λ included; ``None`` otherwise.
+        The general path's grouping, and its operations, cost a tenth of a thin net's step."""
+        zs = self._captured
+        head = zs[0]
+        if head.dim() != 2 or not self._stackable or not _native_applies(head, self.aggregation):
+            return None
+        try:
+            zh = torch.stack(zs)
+        except RuntimeError:  # several widths (or devices): groups of one shape, until one fits all again
+            self._stackable = False
+            return None
+        return native_separation_penalty(zh, *self._native_coefs(len(zs), zh.dtype), self.rho, self.margin,
+                                         self.aggregation, self.ties, total=True, scale=self.weight)
 
     def layer_terms(self) -> list[tuple[Tensor | None, Tensor | None]]:
         """``(g_U, g_P)`` of each constrained layer (unweighted) for the last forward pass."""
@@ -334,9 +395,16 @@ class SeparationConstraint:
 
     def penalty(self) -> Tensor:
         """λ · (g_U + g_P) for the last forward pass (differentiable; works under ``no_grad`` too)."""
-        total = None
         sync = _distributed()
-        for idx in self._groups():
+        if not sync:
+            self._check_pass(stacklevel=3)
+            total = self._dense_native_penalty()
+            if total is not None:
+                return total
+        total = None
+        groups = self._groups()
+        self._stackable = len(groups) == 1
+        for idx in groups:
             g = None if sync else self._native_total(idx)
             parts = [g] if g is not None else [t.sum() for t in self._terms(idx, sync) if t is not None]
             for part in parts:
@@ -352,10 +420,19 @@ class SeparationConstraint:
         self._output_at = None
 
     def remove(self) -> None:
-        """Detach every hook; the model is left exactly as before."""
+        """Detach every hook and capturing forward; the model is left exactly as before."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        for wrapper in self._forwards:
+            wrapper.constraint = None
+            layer = wrapper.layer
+            if layer.__dict__.get("forward") is wrapper:
+                if wrapper.inner is None:
+                    del layer.__dict__["forward"]
+                else:
+                    layer.__dict__["forward"] = wrapper.inner
+        self._forwards = []
         self.clear()
 
     def __getstate__(self) -> dict:
@@ -365,6 +442,10 @@ class SeparationConstraint:
         state["_raw"], state["_captured"], state["_versions"], state["_densified"] = [], [], [], []
         state["_output_at"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        # a constraint pickled by an earlier version lacks the newer attributes
+        self.__dict__.update({"_coefs": {}, "_stackable": True, "_forwards": [], **state})
 
     def __enter__(self) -> "SeparationConstraint":
         return self

@@ -340,34 +340,38 @@ def _sparse_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor | None:
 
 class _NativePenalty(torch.autograd.Function):
     """``coef_u·g_U + coef_p·g_P`` of each layer of a stack by the native kernel
-    (:mod:`alive.native`): one autograd node, one pass per layer each way (see
-    :func:`native_separation_penalty`)."""
+    (:mod:`alive.native`), or ``scale`` × their sum: one autograd node, one pass per layer each
+    way (see :func:`native_separation_penalty`). ``zh`` / ``zl`` contiguous; ``options`` =
+    ``(rho, margin, aggregation, ties, scale)``, ``scale`` ``None`` for the per-layer values."""
 
     @staticmethod
     def forward(ctx, zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
-                rho: float, margin: float, aggregation: str, ties: str, total: bool) -> Tensor:
-        h = zh.contiguous()  # the same tensor unless zh is a strided view (a copy the kernel can read)
-        l = h if zl is None else zl.contiguous()
-        out, ext, idx = native.separation_forward(h, l, coef_u, coef_p, real_units, rho, margin, aggregation, ties == "first")
-        # the inputs themselves too: a double backward differentiates them, not their copies
-        ctx.save_for_backward(zh, zl, h, None if zl is None else l, coef_u, coef_p, real_units, ext, idx)
-        ctx.options = rho, margin, aggregation, ties, total
-        return out.sum() if total else out
+                options: tuple) -> Tensor:
+        rho, margin, aggregation, ties, scale = options
+        out, ext, idx = native.separation_forward(zh, zh if zl is None else zl, coef_u, coef_p, real_units, rho, margin,
+                                                  aggregation, ties == "first", scale)
+        ctx.save_for_backward(zh, zl)
+        # the kernel's own results and the caller's constants: no autograd bookkeeping needed
+        ctx.kernel = coef_u, coef_p, real_units, ext, idx, options
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        zh, zl, h, l, coef_u, coef_p, real_units, ext, idx = ctx.saved_tensors
-        rho, margin, aggregation, ties, total = ctx.options
-        grad = (grad.expand(zh.shape[0]) if total else grad).to(h.dtype).contiguous()
-        inputs = (zh,) if zl is None else (zh, zl)
+        zh, zl = ctx.saved_tensors
+        coef_u, coef_p, real_units, ext, idx, (rho, margin, aggregation, ties, scale) = ctx.kernel
+        if grad.dtype != zh.dtype:
+            grad = grad.to(zh.dtype)
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiate the built-ins
+            inputs = (zh,) if zl is None else (zh, zl)
             out = _reference_penalty(zh, zl, coef_u, coef_p, real_units, rho, margin, aggregation, ties)
+            if scale is not None:
+                out = scale * out.sum()
             grads = torch.autograd.grad(out, inputs, grad, create_graph=True, allow_unused=True)
             grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
         else:
-            grads = native.separation_backward(h, h if l is None else l, coef_u, coef_p, real_units,
-                                               rho, margin, aggregation, ext, idx, grad)
-        return grads[0], (grads[1] if zl is not None else None), None, None, None, None, None, None, None, None
+            grads = native.separation_backward(zh, zh if zl is None else zl, coef_u, coef_p, real_units, rho, margin,
+                                               aggregation, ext, idx, grad.contiguous(), scale)
+        return grads[0], (grads[1] if zl is not None else None), None, None, None, None
 
 
 def _reference_penalty(zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
@@ -412,9 +416,10 @@ def native_separation_penalty(
     real_units: Tensor | None = None,
     sparse_grad: bool = False,
     total: bool = False,
+    scale: float = 1.0,
 ) -> Tensor | None:
-    """``coef_u·g_U + coef_p·g_P`` of each stacked net, ``(nets,)`` (their sum with ``total``),
-    by the native CPU kernel of :mod:`alive.native`; ``None`` where it does not apply (another
+    """``coef_u·g_U + coef_p·g_P`` of each stacked net, ``(nets,)`` (``scale`` × their sum with
+    ``total``), by the native CPU kernel of :mod:`alive.native`; ``None`` where it does not apply (another
     device or dtype, the ``"norm"`` aggregation, ``"position"`` reduction of feature maps,
     ``torch.func`` transforms, ``torch.compile``, no C compiler), and the caller falls back to
     :func:`stacked_separation_penalty`.
@@ -441,7 +446,7 @@ def native_separation_penalty(
         if maps:
             zh, zl = _PositionExtremes.apply(layers, sparse_grad, *(z if layers else [z]))
         else:
-            zh, zl = torch.stack(list(z)) if layers else z, None
+            zh, zl = torch.stack(z if isinstance(z, (list, tuple)) else list(z)) if layers else z, None
     except RuntimeError:
         return None  # the PyTorch path says what is wrong
     n, _, w = zh.shape
@@ -456,8 +461,12 @@ def native_separation_penalty(
         if int(low) < 1 or int(high) > w:
             raise ValueError(f"real_units must lie in [1, {w}] (the stack's units), got [{int(low)}, {int(high)}]")
         real_units = real_units.contiguous()
-    return _NativePenalty.apply(zh, zl, coef_u.to(zh).contiguous(), coef_p.to(zh).contiguous(), real_units,
-                                rho, margin, aggregation, ties, total)
+    if coef_u.dtype != zh.dtype or coef_p.dtype != zh.dtype or coef_u.device != zh.device or coef_p.device != zh.device:
+        coef_u, coef_p = coef_u.to(zh), coef_p.to(zh)
+    options = (rho, margin, aggregation, ties, float(scale) if total else None)
+    # (contiguous: a differentiable copy of a strided view, which the kernel then reads)
+    return _NativePenalty.apply(zh.contiguous(), None if zl is None else zl.contiguous(), coef_u.contiguous(), coef_p.contiguous(),
+                                real_units, options)
 
 
 def dense_separation_penalty(

@@ -25,13 +25,6 @@
  * with wm units and P points each (separation_body.h's layout).
  */
 
-typedef float v8f __attribute__((vector_size(32)));
-/* the same 8 floats at any address (unaligned loads and stores of float arrays) */
-typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
-#define ld8(p) (*(const v8u *)(p))
-#define st8(p, v) (*(v8u *)(p) = (v))
-/* in index order, as a scalar loop would add them */
-#define hsum8(v) ((((((((v)[0] + (v)[1]) + (v)[2]) + (v)[3]) + (v)[4]) + (v)[5]) + (v)[6]) + (v)[7])
 
 
 /* out[r][p] = (bias ? bias[r] : 0) + Σ_s m[s·ms + r·mr] · in[s][p]  (r < R, s < S, p < LD) */
@@ -207,8 +200,7 @@ int stack_forward_f32(const float *x, int64_t x_stride, int64_t N, int64_t P, in
             if (penalised) {
                 float *hu = ext + layer_index * E, *lu = hu + wm, *hp = lu + wm, *lp = hp + P;
                 int32_t *iu = idx + layer_index * E, *ju = iu + wm, *ip = ju + wm, *jp = ip + P;
-                extremes_f32(zl, P, LD, R, 1, hu, hp, iu, ip);
-                extremes_f32(zl, P, LD, R, -1, lu, lp, ju, jp);
+                extremes_f32(zl, zl, P, LD, R, hu, lu, hp, lp, iu, ju, ip, jp);
                 total += layer_penalty_f32(hu, lu, hp, lp, R, P, cu[i], cp[i], rho, margin, agg);
                 layer_index++;
             }

@@ -32,16 +32,53 @@
 #define FUSED
 #endif
 
+/* BODY run with W an integer constant equal to U (1 to 8): loops over a constant number of
+ * units let the compiler move several rows' interleaved units at once */
+#define FOR_UNITS(U, W, ...) do { switch (U) { \
+    case 1: { enum { W = 1 }; __VA_ARGS__; } break; case 2: { enum { W = 2 }; __VA_ARGS__; } break; \
+    case 3: { enum { W = 3 }; __VA_ARGS__; } break; case 4: { enum { W = 4 }; __VA_ARGS__; } break; \
+    case 5: { enum { W = 5 }; __VA_ARGS__; } break; case 6: { enum { W = 6 }; __VA_ARGS__; } break; \
+    case 7: { enum { W = 7 }; __VA_ARGS__; } break; default: { enum { W = 8 }; __VA_ARGS__; } break; } } while (0)
+
+/* 32-byte vectors (GCC's vector extensions): 8 floats or 4 doubles, the integer vectors
+ * their comparisons give, and unaligned loads of T arrays */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4i __attribute__((vector_size(32)));
+typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
+#define ld8(p) (*(const v8u *)(p))
+#define st8(p, v) (*(v8u *)(p) = (v))
+/* in index order, as a scalar loop would add them */
+#define hsum8(v) ((((((((v)[0] + (v)[1]) + (v)[2]) + (v)[3]) + (v)[4]) + (v)[5]) + (v)[6]) + (v)[7])
+
 #define T float
 #define F(name) name##_f32
+#define VT v8f  /* a vector of T, VL lanes; VI its comparisons; VU its unaligned loads */
+#define VI v8i
+#define VU v8u
+#define VL 8
 #include "separation_body.h"
 #undef T
 #undef F
+#undef VT
+#undef VI
+#undef VU
+#undef VL
 
 #define T double
 #define F(name) name##_f64
+#define VT v4d
+#define VI v4i
+#define VU v4u
+#define VL 4
 #include "separation_body.h"
 #undef T
 #undef F
+#undef VT
+#undef VI
+#undef VU
+#undef VL
 
 #include "dense_stack.h"

@@ -1,10 +1,25 @@
 /* The kernels of separation.c for one element type T, names suffixed by F(name). */
 
-/* (P, U) rows -> (R, P) columns */
-static void F(transpose)(const T *restrict z, int64_t P, int64_t U, int64_t R, T *restrict zt)
+/* (P, U) rows -> (R, P) columns (the first R units) */
+HOT static void F(transpose)(const T *restrict z, int64_t P, int64_t U, int64_t R, T *restrict zt)
 {
-    for (int64_t u = 0; u < R; u++)  /* strided reads, sequential writes */
-        for (int64_t p = 0; p < P; p++) zt[u * P + p] = z[p * U + u];
+    if (R == U && U <= 8)  /* (a constant unit count moves several rows' units at once) */
+        FOR_UNITS(U, W, for (int64_t p = 0; p < P; p++) for (int64_t u = 0; u < W; u++) zt[u * P + p] = z[p * W + u]);
+    else
+        for (int64_t u = 0; u < R; u++)  /* strided reads, sequential writes */
+            for (int64_t p = 0; p < P; p++) zt[u * P + p] = z[p * U + u];
+}
+
+/* (R, P) columns -> (P, U) rows; units R..U (padding) get 0 */
+HOT static void F(untranspose)(const T *restrict zt, int64_t P, int64_t U, int64_t R, T *restrict z)
+{
+    if (R == U && U <= 8)
+        FOR_UNITS(U, W, for (int64_t p = 0; p < P; p++) for (int64_t u = 0; u < W; u++) z[p * W + u] = zt[u * P + p]);
+    else
+        for (int64_t p = 0; p < P; p++) {
+            for (int64_t u = 0; u < R; u++) z[p * U + u] = zt[u * P + p];
+            for (int64_t u = R; u < U; u++) z[p * U + u] = 0;
+        }
 }
 
 static int64_t F(first_nan)(const T *z, int64_t stride, int64_t count)
@@ -14,53 +29,15 @@ static int64_t F(first_nan)(const T *z, int64_t stride, int64_t count)
     return -1;
 }
 
-/* Max of each column (hu) and of each point across the columns (hp), or min (sign < 0), with
- * the first arg-extremes when iu is given (torch.max(dim)'s convention), found by a second,
- * branch-free pass: comparisons that pick a running extreme and its position mispredict on
- * every other entry. A NaN makes its extremes NaN (torch.amax), at its first position;
- * comparisons skip NaNs, so a rare extra pass puts them back. Rows (columns of the layer) are ld
- * apart. */
-HOT static void F(extremes)(const T *restrict zt, int64_t P, int64_t ld, int64_t R, int sign, T *restrict hu,
-                        T *restrict hp, int32_t *restrict iu, int32_t *restrict ip)
+/* The first positions of the columns' extremes eu (iu) and of the points' extremes ep across
+ * the columns (ip), torch.max(dim)'s convention: found by a branch-free pass, as comparisons
+ * that pick a running extreme and its position mispredict on every other entry. */
+HOT static void F(first_positions)(const T *restrict zt, int64_t P, int64_t ld, int64_t R, const T *restrict eu,
+                                   const T *restrict ep, int bad, int32_t *restrict iu, int32_t *restrict ip)
 {
-    int bad = 0;
-    for (int64_t p = 0; p < P; p++) hp[p] = zt[p];
     for (int64_t u = 0; u < R; u++) {
         const T *restrict c = zt + u * ld;
-        T v8[8];  /* eight running extremes: a float reduction is not vectorised otherwise */
-        for (int j = 0; j < 8; j++) v8[j] = c[0];
-        int64_t p = 0;
-        if (sign > 0) {
-            for (; p + 8 <= P; p += 8)
-                for (int j = 0; j < 8; j++) v8[j] = c[p + j] > v8[j] ? c[p + j] : v8[j];
-            for (; p < P; p++) v8[0] = c[p] > v8[0] ? c[p] : v8[0];
-            for (int j = 1; j < 8; j++) v8[0] = v8[j] > v8[0] ? v8[j] : v8[0];
-            if (u > 0) for (p = 0; p < P; p++) hp[p] = c[p] > hp[p] ? c[p] : hp[p];
-        } else {
-            for (; p + 8 <= P; p += 8)
-                for (int j = 0; j < 8; j++) v8[j] = c[p + j] < v8[j] ? c[p + j] : v8[j];
-            for (; p < P; p++) v8[0] = c[p] < v8[0] ? c[p] : v8[0];
-            for (int j = 1; j < 8; j++) v8[0] = v8[j] < v8[0] ? v8[j] : v8[0];
-            if (u > 0) for (p = 0; p < P; p++) hp[p] = c[p] < hp[p] ? c[p] : hp[p];
-        }
-        hu[u] = v8[0];
-    }
-    for (int64_t u = 0; u < R; u++)
-        for (int64_t p = 0; p < P; p++) bad |= zt[u * ld + p] != zt[u * ld + p];
-    if (bad) {
-        for (int64_t u = 0; u < R; u++) {
-            int64_t i = F(first_nan)(zt + u * ld, 1, P);
-            if (i >= 0) hu[u] = zt[u * ld + i];
-        }
-        for (int64_t p = 0; p < P; p++) {
-            int64_t i = F(first_nan)(zt + p, ld, R);
-            if (i >= 0) hp[p] = zt[i * ld + p];
-        }
-    }
-    if (!iu) return;
-    for (int64_t u = 0; u < R; u++) {
-        const T *restrict c = zt + u * ld;
-        T e = hu[u];
+        T e = eu[u];
         if (e != e) { iu[u] = (int32_t)F(first_nan)(c, 1, P); continue; }
         int32_t first = (int32_t)P;  /* the smallest position holding e */
         for (int64_t p = 0; p < P; p++) { int32_t at = c[p] == e ? (int32_t)p : (int32_t)P; first = at < first ? at : first; }
@@ -69,12 +46,66 @@ HOT static void F(extremes)(const T *restrict zt, int64_t P, int64_t ld, int64_t
     for (int64_t p = 0; p < P; p++) ip[p] = -1;
     for (int64_t u = 0; u < R; u++) {
         const T *restrict c = zt + u * ld;
-        for (int64_t p = 0; p < P; p++) ip[p] = (ip[p] < 0) & (c[p] == hp[p]) ? (int32_t)u : ip[p];
+        for (int64_t p = 0; p < P; p++) ip[p] = (ip[p] < 0) & (c[p] == ep[p]) ? (int32_t)u : ip[p];
     }
     if (bad)
         for (int64_t p = 0; p < P; p++)
-            if (hp[p] != hp[p]) ip[p] = (int32_t)F(first_nan)(zt + p, ld, R);
+            if (ep[p] != ep[p]) ip[p] = (int32_t)F(first_nan)(zt + p, ld, R);
     for (int64_t p = 0; p < P; p++) ip[p] = ip[p] < 0 ? 0 : ip[p];
+}
+
+/* The maxima of the columns of th (hu) and of each point across them (hp), and the minima of
+ * those of tl (lu, lp; tl may be th), in one pass; with the first arg-extremes when iu is given
+ * (ju, ip, jp likewise). A NaN makes its extremes NaN (torch.amax), at its first position;
+ * comparisons skip NaNs, so a rare extra pass puts them back. Rows (columns of the layer) are
+ * ld apart. */
+HOT static void F(extremes)(const T *restrict th, const T *restrict tl, int64_t P, int64_t ld, int64_t R,
+                            T *restrict hu, T *restrict lu, T *restrict hp, T *restrict lp,
+                            int32_t *restrict iu, int32_t *restrict ju, int32_t *restrict ip, int32_t *restrict jp)
+{
+    int bad = 0;
+    for (int64_t p = 0; p < P; p++) { hp[p] = th[p]; lp[p] = tl[p]; }
+    for (int64_t u = 0; u < R; u++) {
+        const T *restrict a = th + u * ld, *restrict b = tl + u * ld;
+        VT hi = (VT){0} + a[0], lo = (VT){0} + b[0];  /* VL running extremes (x > e ? x : e lane by lane) */
+        int64_t p = 0;
+        for (; p + VL <= P; p += VL) {
+            VT x = *(const VU *)(a + p), y = *(const VU *)(b + p);
+            VI up = x > hi, down = y < lo;
+            hi = (VT)((up & (VI)x) | (~up & (VI)hi));
+            lo = (VT)((down & (VI)y) | (~down & (VI)lo));
+        }
+        T h = hi[0], l = lo[0];
+        for (int j = 1; j < VL; j++) { h = hi[j] > h ? hi[j] : h; l = lo[j] < l ? lo[j] : l; }
+        for (; p < P; p++) { h = a[p] > h ? a[p] : h; l = b[p] < l ? b[p] : l; }
+        hu[u] = h;
+        lu[u] = l;
+        int nan = 0;
+        if (u > 0)
+            for (p = 0; p < P; p++) {
+                hp[p] = a[p] > hp[p] ? a[p] : hp[p];
+                lp[p] = b[p] < lp[p] ? b[p] : lp[p];
+                nan |= (a[p] != a[p]) | (b[p] != b[p]);
+            }
+        else
+            for (p = 0; p < P; p++) nan |= (a[p] != a[p]) | (b[p] != b[p]);
+        bad |= nan;
+    }
+    if (bad) {
+        for (int64_t u = 0; u < R; u++) {
+            int64_t i = F(first_nan)(th + u * ld, 1, P), k = F(first_nan)(tl + u * ld, 1, P);
+            if (i >= 0) hu[u] = th[u * ld + i];
+            if (k >= 0) lu[u] = tl[u * ld + k];
+        }
+        for (int64_t p = 0; p < P; p++) {
+            int64_t i = F(first_nan)(th + p, ld, R), k = F(first_nan)(tl + p, ld, R);
+            if (i >= 0) hp[p] = th[i * ld + p];
+            if (k >= 0) lp[p] = tl[k * ld + p];
+        }
+    }
+    if (!iu) return;
+    F(first_positions)(th, P, ld, R, hu, hp, bad, iu, ip);
+    F(first_positions)(tl, P, ld, R, lu, lp, bad, ju, jp);
 }
 
 static inline T F(slack)(T hi, T lo, double rho, double margin)
@@ -83,29 +114,45 @@ static inline T F(slack)(T hi, T lo, double rho, double margin)
     return (T)rho * (sh < 0 ? 0 : sh) + (T)(1.0 - rho) * (sl < 0 ? 0 : sl);
 }
 
-/* cu·A(s_u) + cp·A(s_p) of one layer from its extremes (R units, P points), summed in double;
- * a zero coefficient leaves its term out */
-static double F(layer_penalty)(const T *hu, const T *lu, const T *hp, const T *lp, int64_t R, int64_t P, T cu, T cp,
-                               double rho, double margin, int agg)
+/* cu·A(s_u) + cp·A(s_p) of one layer from its extremes (R units, P points), summed in double
+ * (the points in eight running sums); a zero coefficient leaves its term out */
+HOT static double F(layer_penalty)(const T *restrict hu, const T *restrict lu, const T *restrict hp,
+                                   const T *restrict lp, int64_t R, int64_t P, T cu, T cp, double rho, double margin,
+                                   int agg)
 {
     double su = 0, sp = 0;
-    for (int64_t u = 0; u < R; u++) { T s = F(slack)(hu[u], lu[u], rho, margin); su += agg == 1 ? (double)s * s : s; }
-    for (int64_t p = 0; p < P; p++) { T s = F(slack)(hp[p], lp[p], rho, margin); sp += agg == 1 ? (double)s * s : s; }
+    if (cu != 0)
+        for (int64_t u = 0; u < R; u++) { double s = F(slack)(hu[u], lu[u], rho, margin); su += agg == 1 ? s * s : s; }
+    if (cp != 0) {
+        double a[8] = {0};
+        int64_t p = 0;
+        if (agg == 1)
+            for (; p + 8 <= P; p += 8)
+                for (int j = 0; j < 8; j++) { double s = F(slack)(hp[p + j], lp[p + j], rho, margin); a[j] += s * s; }
+        else
+            for (; p + 8 <= P; p += 8)
+                for (int j = 0; j < 8; j++) a[j] += F(slack)(hp[p + j], lp[p + j], rho, margin);
+        for (; p < P; p++) { double s = F(slack)(hp[p], lp[p], rho, margin); a[0] += agg == 1 ? s * s : s; }
+        sp = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    }
     if (agg == 2) { su /= (double)R; sp /= (double)P; }
     return (cu != 0 ? cu * su : 0) + (cp != 0 ? cp * sp : 0);
 }
 
 /* out[k] = cu[k]·A(s_u) + cp[k]·A(s_p), A: sum (agg 0), sum of squares (1) or mean (2);
- * a zero coefficient leaves its term out. ext[k] = [hu (U) | lu (U) | hp (P) | lp (P)] and,
- * when idx is given ("first" ties), idx[k] its arg-extremes. zl: the minima's input (zh's
- * for dense layers; a feature map's spatial minima otherwise). Returns 0, or -1 when out of
- * memory. */
+ * a zero coefficient leaves its term out; and, when total is given, *total = scale·Σ out[k]
+ * (summed in double). ext[k] = [hu (U) | lu (U) | hp (P) | lp (P)] and, when idx is given
+ * ("first" ties), idx[k] its arg-extremes. zl: the minima's input (zh's for dense layers; a
+ * feature map's spatial minima otherwise). Returns 0, or -1 when out of memory. */
 int F(sep_forward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, const int32_t *real,
-                   const T *cu, const T *cp, double rho, double margin, int agg, T *ext, int32_t *idx, T *out)
+                   const T *cu, const T *cp, double rho, double margin, int agg, T *ext, int32_t *idx, T *out,
+                   double scale, T *total)
 {
     int64_t E = 2 * U + 2 * P;
-    T *zt = malloc(sizeof(T) * (size_t)(U * P));
-    if (!zt) return -1;
+    int joint = zl == zh;
+    T *th = malloc(sizeof(T) * (size_t)((joint ? 1 : 2) * U * P));
+    if (!th) return -1;
+    T *tl = joint ? th : th + U * P;
     for (int64_t k = 0; k < n; k++) {
         int64_t R = real ? real[k] : U;
         T *hu = ext + k * E, *lu = hu + U, *hp = lu + U, *lp = hp + P;
@@ -119,13 +166,17 @@ int F(sep_forward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, co
         }
         for (int64_t u = R; u < U; u++) hu[u] = lu[u] = 0;
         if (idx) for (int64_t u = R; u < U; u++) iu[u] = ju[u] = 0;
-        F(transpose)(zh + k * P * U, P, U, R, zt);
-        F(extremes)(zt, P, P, R, 1, hu, hp, iu, ip);
-        if (zl != zh) F(transpose)(zl + k * P * U, P, U, R, zt);
-        F(extremes)(zt, P, P, R, -1, lu, lp, ju, jp);
+        F(transpose)(zh + k * P * U, P, U, R, th);
+        if (!joint) F(transpose)(zl + k * P * U, P, U, R, tl);
+        F(extremes)(th, tl, P, P, R, hu, lu, hp, lp, iu, ju, ip, jp);
         out[k] = (T)F(layer_penalty)(hu, lu, hp, lp, R, P, cu[k], cp[k], rho, margin, agg);
     }
-    free(zt);
+    free(th);
+    if (total) {
+        double sum = 0;
+        for (int64_t k = 0; k < n; k++) sum += out[k];
+        *total = (T)(scale * sum);
+    }
     return 0;
 }
 
@@ -142,19 +193,36 @@ static inline void F(slack_grads)(T hi, T lo, T c, double rho, double margin, in
 
 /* The gradients of one layer's terms (upstream gradient G) with respect to its unit extremes
  * (gu_h, gu_l: R) and point extremes (gp_h, gp_l: P); any_u / any_p: whether any is non-zero. */
-static void F(hinge_grads)(const T *hu, const T *lu, const T *hp, const T *lp, int64_t R, int64_t P, T G, T cu, T cp,
-                           double rho, double margin, int agg, T *gu_h, T *gu_l, T *gp_h, T *gp_l, int *any_u, int *any_p)
+HOT static void F(hinge_grads)(const T *restrict hu, const T *restrict lu, const T *restrict hp, const T *restrict lp,
+                               int64_t R, int64_t P, T G, T cu, T cp, double rho, double margin, int agg,
+                               T *restrict gu_h, T *restrict gu_l, T *restrict gp_h, T *restrict gp_l,
+                               int *any_u, int *any_p)
 {
     T c_u = cu != 0 ? G * cu : 0, c_p = cp != 0 ? G * cp : 0;
-    *any_u = *any_p = 0;
+    int au = 0, ap = 0;
     for (int64_t u = 0; u < R; u++) {
         F(slack_grads)(hu[u], lu[u], c_u, rho, margin, agg, R, gu_h + u, gu_l + u);
-        *any_u |= gu_h[u] != 0 || gu_l[u] != 0;
+        au |= (gu_h[u] != 0) | (gu_l[u] != 0);
     }
-    for (int64_t p = 0; p < P; p++) {
-        F(slack_grads)(hp[p], lp[p], c_p, rho, margin, agg, P, gp_h + p, gp_l + p);
-        *any_p |= gp_h[p] != 0 || gp_l[p] != 0;
+    /* the points' loops, one per aggregation: the compiler vectorises them */
+    T mh = (T)margin, ml = (T)(-margin), kh = (T)(-rho), kl = (T)(1.0 - rho);
+    /* (products outside the selections: the compiler does not move a float operation into one) */
+    if (agg == 1)
+        for (int64_t p = 0; p < P; p++) {
+            T ds = 2 * F(slack)(hp[p], lp[p], rho, margin) * c_p, vh = ds * kh, vl = ds * kl;
+            gp_h[p] = hp[p] >= mh ? 0 : vh;
+            gp_l[p] = lp[p] <= ml ? 0 : vl;
+        }
+    else {
+        T ds = agg == 2 ? c_p / (T)P : c_p, vh = ds * kh, vl = ds * kl;
+        for (int64_t p = 0; p < P; p++) {
+            gp_h[p] = hp[p] >= mh ? 0 : vh;
+            gp_l[p] = lp[p] <= ml ? 0 : vl;
+        }
     }
+    for (int64_t p = 0; p < P; p++) ap |= (gp_h[p] != 0) | (gp_l[p] != 0);
+    *any_u = au;
+    *any_p = ap;
 }
 
 /* Add the extremes' gradients at their first positions (idx: [iu | ju | ip | jp], U units
@@ -175,82 +243,106 @@ static void F(scatter_first)(const int32_t *idx, int64_t U, int64_t R, int64_t P
     }
 }
 
-/* Add to the columns dt the gradients gu of their extremes eu and gp of the points' extremes
- * ep, shared equally among tied entries (m: P scratch). */
-static void F(spread)(const T *restrict zt, int64_t P, int64_t R, const T *restrict eu, const T *restrict ep,
-                      const T *restrict gu, const T *restrict gp, int any_u, int any_p, T *restrict m, T *restrict dt)
+/* Each point's share of its extreme's gradient g among the columns that hold the extreme e
+ * (m: P, g/0 for a NaN extreme, which no entry equals: the PyTorch path's NaN) */
+HOT static void F(point_shares)(const T *restrict zt, int64_t P, int64_t R, const T *restrict e, const T *restrict g,
+                                T *restrict m)
 {
-    if (any_u)
-        for (int64_t u = 0; u < R; u++) {
-            const T *restrict c = zt + u * P;
-            T e = eu[u];
-            int64_t ties = 0;  /* an integer count: a float sum would not be vectorised */
-            for (int64_t p = 0; p < P; p++) ties += c[p] == e;
-            T s = gu[u] / (T)ties;
-            T *restrict d = dt + u * P;
-            if (ties == 0)  /* a NaN extreme: no entry equals it, and the PyTorch path's 0·(g/0) is NaN */
-                for (int64_t p = 0; p < P; p++) d[p] += (T)0 * s;
-            else  /* (a product with the tie mask is not vectorised here) */
-                for (int64_t p = 0; p < P; p++) d[p] += c[p] == e ? s : (T)0;
-        }
+    for (int64_t p = 0; p < P; p++) m[p] = 0;
+    for (int64_t u = 0; u < R; u++) {
+        const T *restrict c = zt + u * P;
+        for (int64_t p = 0; p < P; p++) m[p] += c[p] == e[p] ? (T)1 : (T)0;
+    }
+    for (int64_t p = 0; p < P; p++) m[p] = g[p] / m[p];
+}
+
+/* A column's share of its extreme's gradient g among its entries equal to e (*s), and what
+ * every other entry gets (*z: 0, or 0·g/0 for a NaN extreme, which no entry equals) */
+HOT static void F(unit_share)(const T *restrict c, int64_t P, T e, T g, T *s, T *z)
+{
+    int64_t ties = 0;  /* an integer count: a float sum would not be vectorised */
+    for (int64_t p = 0; p < P; p++) ties += c[p] == e;
+    *s = g / (T)ties;
+    *z = ties == 0 ? (T)0 * *s : (T)0;
+}
+
+/* The gradient of the extremes (gu_h / gp_h of the unit / point maxima hu / hp of the columns
+ * th, gu_l / gp_l of the minima lu / lp of tl) shared equally among tied entries, written into
+ * the columns dh (maxima) and dl (minima; tl == th and dl == dh for dense layers), adding up
+ * each entry's shares in the order of the PyTorch path: unit maxima, point maxima, unit
+ * minima, point minima. s: 2P scratch. */
+HOT static void F(spread)(const T *restrict th, const T *restrict tl, int64_t P, int64_t R, const T *restrict hu,
+                          const T *restrict lu, const T *restrict hp, const T *restrict lp, const T *restrict gu_h,
+                          const T *restrict gu_l, const T *restrict gp_h, const T *restrict gp_l, int any_u, int any_p,
+                          T *restrict s, T *dh, T *dl)
+{
+    T *restrict mh = s, *restrict ml = s + P;
     if (any_p) {
-        for (int64_t p = 0; p < P; p++) m[p] = 0;
-        for (int64_t u = 0; u < R; u++) {
-            const T *restrict c = zt + u * P;
-            for (int64_t p = 0; p < P; p++) m[p] += c[p] == ep[p] ? (T)1 : (T)0;
+        F(point_shares)(th, P, R, hp, gp_h, mh);
+        F(point_shares)(tl, P, R, lp, gp_l, ml);
+    } else
+        for (int64_t p = 0; p < P; p++) mh[p] = ml[p] = 0;
+    for (int64_t u = 0; u < R; u++) {
+        const T *restrict a = th + u * P, *restrict b = tl + u * P;
+        T eh = hu[u], el = lu[u], sh = 0, zh = 0, sl = 0, zl = 0;
+        if (any_u) {
+            F(unit_share)(a, P, eh, gu_h[u], &sh, &zh);
+            F(unit_share)(b, P, el, gu_l[u], &sl, &zl);
         }
-        for (int64_t p = 0; p < P; p++) m[p] = gp[p] / m[p];
-        for (int64_t u = 0; u < R; u++) {
-            const T *restrict c = zt + u * P;
-            T *restrict d = dt + u * P;
-            for (int64_t p = 0; p < P; p++) d[p] += (T)(c[p] == ep[p]) * m[p];  /* (a ?: here is not vectorised) */
+        if (dh == dl) {
+            T *restrict d = dh + u * P;
+            for (int64_t p = 0; p < P; p++) {
+                T v = (T)0 + (a[p] == eh ? sh : zh);
+                v += (T)(a[p] == hp[p]) * mh[p];
+                v += a[p] == el ? sl : zl;
+                d[p] = v + (T)(a[p] == lp[p]) * ml[p];
+            }
+        } else {
+            T *restrict x = dh + u * P, *restrict y = dl + u * P;
+            for (int64_t p = 0; p < P; p++) {
+                x[p] = ((T)0 + (a[p] == eh ? sh : zh)) + (T)(a[p] == hp[p]) * mh[p];
+                y[p] = ((T)0 + (b[p] == el ? sl : zl)) + (T)(b[p] == lp[p]) * ml[p];
+            }
         }
     }
 }
 
-/* The gradient of out (G[k] per network) with respect to zh and zl, written into dzh and dzl
- * (the same buffer when zl == zh; padded units get 0), in the order of the PyTorch path:
- * split ties (idx NULL): unit maxima, point maxima, unit minima, point minima; first ties:
- * unit maxima, unit minima, point maxima, point minima. Returns 0, or -1 when out of memory. */
+/* The gradient of out (upstream gradient scale·G[k·gs] per network: gs 0 for a total's) with
+ * respect to zh and zl, written into dzh and dzl (the same buffer when zl == zh; padded units
+ * get 0), in the order of the PyTorch path: split ties (idx NULL): unit maxima, point maxima,
+ * unit minima, point minima; first ties: unit maxima, unit minima, point maxima, point minima.
+ * Returns 0, or -1 when out of memory. */
 int F(sep_backward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, const int32_t *real,
                     const T *cu, const T *cp, double rho, double margin, int agg,
-                    const T *ext, const int32_t *idx, const T *G, T *dzh, T *dzl)
+                    const T *ext, const int32_t *idx, const T *G, int64_t gs, double scale, T *dzh, T *dzl)
 {
     int64_t E = 2 * U + 2 * P;
     int joint = zl == zh;
-    T *zt = malloc(sizeof(T) * (size_t)(3 * U * P + 2 * U + 3 * P));
-    if (!zt) return -1;
-    T *dt = zt + U * P, *dlt = joint ? dt : dt + U * P, *gu_h = zt + 3 * U * P, *gu_l = gu_h + U;
-    T *gp_h = gu_l + U, *gp_l = gp_h + P, *m = gp_l + P;
+    T *th = malloc(sizeof(T) * (size_t)(4 * U * P + 2 * U + 4 * P));
+    if (!th) return -1;
+    T *tl = joint ? th : th + U * P, *dth = th + 2 * U * P, *dtl = joint ? dth : dth + U * P;
+    T *gu_h = th + 4 * U * P, *gu_l = gu_h + U, *gp_h = gu_l + U, *gp_l = gp_h + P, *scratch = gp_l + P;
     for (int64_t k = 0; k < n; k++) {
         int64_t R = real ? real[k] : U;
         const T *h = zh + k * P * U, *l = zl + k * P * U;
         T *dh = dzh + k * P * U, *dl = dzl + k * P * U;
-        memset(dh, 0, sizeof(T) * (size_t)(P * U));
-        if (!joint) memset(dl, 0, sizeof(T) * (size_t)(P * U));
         const T *hu = ext + k * E, *lu = hu + U, *hp = lu + U, *lp = hp + P;
-        if (cu[k] == 0 && cp[k] == 0) continue;
-        int any_u, any_p;
-        F(hinge_grads)(hu, lu, hp, lp, R, P, G[k], cu[k], cp[k], rho, margin, agg, gu_h, gu_l, gp_h, gp_l, &any_u, &any_p);
-        if (!any_u && !any_p) continue;
-        if (idx) {  /* entry (p, u) at p·U + u */
-            F(scatter_first)(idx + k * E, U, R, P, gu_h, gu_l, gp_h, gp_l, any_u, any_p, U, 1, dh, dl);
+        int any_u = 0, any_p = 0;
+        if (cu[k] != 0 || cp[k] != 0)
+            F(hinge_grads)(hu, lu, hp, lp, R, P, scale == 1 ? G[k * gs] : (T)(scale * G[k * gs]), cu[k], cp[k], rho, margin, agg, gu_h, gu_l, gp_h, gp_l, &any_u, &any_p);
+        if (idx || (!any_u && !any_p)) {
+            memset(dh, 0, sizeof(T) * (size_t)(P * U));
+            if (!joint) memset(dl, 0, sizeof(T) * (size_t)(P * U));
+            if (any_u || any_p)  /* entry (p, u) at p·U + u */
+                F(scatter_first)(idx + k * E, U, R, P, gu_h, gu_l, gp_h, gp_l, any_u, any_p, U, 1, dh, dl);
             continue;
         }
-        memset(dt, 0, sizeof(T) * (size_t)(R * P));
-        F(transpose)(h, P, U, R, zt);
-        F(spread)(zt, P, R, hu, hp, gu_h, gp_h, any_u, any_p, m, dt);
-        if (!joint) {
-            memset(dlt, 0, sizeof(T) * (size_t)(R * P));
-            F(transpose)(l, P, U, R, zt);
-        }
-        F(spread)(zt, P, R, lu, lp, gu_l, gp_l, any_u, any_p, m, dlt);
-        for (int64_t p = 0; p < P; p++)
-            for (int64_t u = 0; u < R; u++) dh[p * U + u] = dt[u * P + p];
-        if (!joint)
-            for (int64_t p = 0; p < P; p++)
-                for (int64_t u = 0; u < R; u++) dl[p * U + u] = dlt[u * P + p];
+        F(transpose)(h, P, U, R, th);
+        if (!joint) F(transpose)(l, P, U, R, tl);
+        F(spread)(th, tl, P, R, hu, lu, hp, lp, gu_h, gu_l, gp_h, gp_l, any_u, any_p, scratch, dth, dtl);
+        F(untranspose)(dth, P, U, R, dh);
+        if (!joint) F(untranspose)(dtl, P, U, R, dl);
     }
-    free(zt);
+    free(th);
     return 0;
 }
