@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .functional import TIES, _check_options, _native_applies, native_separation_penalty, stacked_separation_penalty
+from .functional import (TIES, _check_options, _native_applies, _NativePenalty, native_separation_penalty,
+                         stacked_separation_penalty)
 
 __all__ = ["SeparationConstraint", "hidden_layers", "WEIGHTED_TYPES"]
 
@@ -124,7 +125,16 @@ class _CapturingForward:
         layer = self.layer
         out = type(layer).forward(layer, *args, **kwargs) if self.inner is None else self.inner(*args, **kwargs)
         c = self.constraint
-        return out if c is None else c._capture(layer, self.unbatched, out)
+        if c is None:
+            return out
+        if type(out) is Tensor and out.dim() == 2 and self.unbatched != 2:
+            # (points, units): the usual dense layer, taken as it is (here: a call less per layer)
+            c._raw.append(out)
+            c._captured.append(out)
+            c._densified.append(False)
+            c._versions.append(None if out.is_inference() or torch.compiler.is_compiling() else out._version)
+            return out
+        return c._capture(layer, self.unbatched, out)
 
 
 def _global_extremes(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
@@ -255,12 +265,6 @@ class SeparationConstraint:
         if not isinstance(output, Tensor):
             raise TypeError(f"the constrained layer {type(module).__name__} returned a {type(output).__name__}, "
                             "not a tensor of pre-activations; constrain Linear/Conv-like layers (layers=)")
-        if output.dim() == 2 and unbatched != 2:  # (points, units): the usual dense layer, taken as it is
-            self._raw.append(output)
-            self._captured.append(output)
-            self._densified.append(False)
-            self._versions.append(None if output.is_inference() or torch.compiler.is_compiling() else output._version)
-            return output
         # CPU feature maps take the penalty's gradient as a sparse tensor (see _Densify); the
         # model goes on with the identity's output (same values and memory). A compiled graph
         # cannot take a sparse gradient, so compiled forwards keep the dense path.
@@ -382,8 +386,9 @@ class SeparationConstraint:
         except RuntimeError:  # several widths (or devices): groups of one shape, until one fits all again
             self._stackable = False
             return None
-        return native_separation_penalty(zh, *self._native_coefs(len(zs), zh.dtype), self.rho, self.margin,
-                                         self.aggregation, self.ties, total=True, scale=self.weight)
+        # what native_separation_penalty would check holds here: the kernel's node directly
+        return _NativePenalty.apply(zh, None, *self._native_coefs(len(zs), zh.dtype), None,
+                                    (self.rho, self.margin, self.aggregation, self.ties, self.weight))
 
     def layer_terms(self) -> list[tuple[Tensor | None, Tensor | None]]:
         """``(g_U, g_P)`` of each constrained layer (unweighted) for the last forward pass."""

@@ -586,10 +586,12 @@ def _extremes(ties: str, padded: Tensor | None, layers: bool, sparse: bool, zs: 
     return _UnitPointExtremes.apply(ties, padded, torch.stack(zs) if layers else zs[0], None)
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running (a private check)."""
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
+    return bool(_functorch_active()) if _functorch_active is not None else False
 
 
 def _composite_extremes(ties: str, padded: Tensor | None, layers: bool, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
