@@ -322,6 +322,50 @@ def test_hooks_capture_preactivations_and_remove_cleanly():
     assert "forward" not in net[0].__dict__ and net[0].forward.__func__ is nn.Linear.forward
 
 
+def test_constrained_layers_capture_through_their_forward_and_keep_the_fast_call_path():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    custom = lambda x: nn.functional.linear(x, net[2].weight, net[2].bias) + 1.0  # noqa: E731
+    net[2].forward = custom  # a forward already set on the instance is kept, and wrapped
+    x = torch.randn(7, 2)
+    first = SeparationConstraint(net, kind="up")
+    second = SeparationConstraint(net, kind="u", weight=2.0)
+    assert not net[0]._forward_hooks and not net[2]._forward_hooks  # nn.Module.__call__ keeps its fast path
+    out = net(x)
+    z0 = net[0].__class__.forward(net[0], x)
+    z2 = custom(torch.relu(z0))
+    for sep in (first, second):
+        assert [tuple(z.shape) for z in sep.preactivations] == [(7, 3), (7, 3)]
+        torch.testing.assert_close(sep.preactivations[0], z0)
+        torch.testing.assert_close(sep.preactivations[1], z2)
+    torch.testing.assert_close(out, net[4](torch.relu(z2)))
+    torch.testing.assert_close(second.penalty(), 2.0 * separation_penalty([z0, z2], "u"))
+    first.remove()  # removed while the second one wraps it: a pass-through until that one goes too
+    net(x)
+    assert first.preactivations == [] and len(second.preactivations) == 2
+    second.remove()
+    assert "forward" not in net[0].__dict__ and net[2].forward is custom
+    torch.testing.assert_close(net(x), out)
+
+
+def test_a_pickled_constrained_model_loads_with_a_working_constraint():
+    import io
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    sep = SeparationConstraint(net, kind="up", weight=0.5)
+    x = torch.randn(9, 2)
+    net(x)
+    want = sep.penalty()
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = loaded[0].forward.constraint
+    assert copied is not sep and copied is loaded[2].forward.constraint and copied.preactivations == []
+    loaded(x)
+    torch.testing.assert_close(copied.penalty(), want)
+    copied.remove()
+    assert "forward" not in loaded[0].__dict__ and not loaded._forward_pre_hooks
+
+
 def test_context_manager_options_and_conv():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
     with SeparationConstraint(net, kind="p", include_output=True, conv_reduction="position") as sep:

@@ -50,6 +50,30 @@ def test_native_penalty_equals_the_pytorch_path(dtype, shape, ties, aggregation,
     assert g.abs().sum() > 0
 
 
+@pytest.mark.parametrize("width", range(1, 10))
+@pytest.mark.parametrize("ties", ["split", "first"])
+def test_every_layer_width_and_a_scaled_total_equal_the_pytorch_path(width, ties):
+    # 1 to 8 units: the kernel's constant-width transposes; 9: its general ones
+    z = (torch.randn(3, 21, width) * 1.5).round().requires_grad_()
+    ones = torch.ones(3)
+    out = native_separation_penalty(z, ones, ones, 0.3, 1.0, "paper", ties, total=True, scale=0.7)
+    ref = 0.7 * pytorch_total(z, "up", 0.3, 1.0, "paper", ties)
+    assert out.dim() == 0
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out, z)[0], torch.autograd.grad(ref, z)[0])
+    per_net = native_separation_penalty(z, ones, ones, 0.3, 1.0, "paper", ties)
+    torch.testing.assert_close(out, 0.7 * per_net.sum())
+
+
+def test_a_layer_too_large_for_the_kept_work_buffer_is_computed_alike():
+    z = (torch.randn(2, 700, 300) * 3).requires_grad_()  # a work buffer of several MB: allocated per call
+    ones = torch.ones(2)
+    out = native_separation_penalty(z, ones, ones, total=True)
+    ref = pytorch_total(z, "up", 0.5, 1.0, "paper", "split")
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out, z)[0], torch.autograd.grad(ref, z)[0])
+
+
 def test_layers_as_a_sequence_and_per_net_values():
     zs = [torch.randn(11, 5, requires_grad=True) for _ in range(4)]
     ones = torch.ones(4)
@@ -143,6 +167,24 @@ def test_the_constraint_uses_the_kernel_once_per_group_of_layers(monkeypatch):
         net(x)
         torch.testing.assert_close(sep.penalty(), value)
     assert len(calls) == 1
+    # layers of several widths: one call per width, and again one for all once they agree
+    wide = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(),
+                         nn.Linear(4, 2))
+    sep = alive.SeparationConstraint(wide, kind="up", weight=0.1)
+    for _ in range(2):
+        calls.clear()
+        wide(x)
+        value = sep.penalty()
+        assert sorted(calls) == [(1, 32, 3), (2, 32, 4)]
+        with native.disabled():
+            torch.testing.assert_close(sep.penalty(), value)
+    sep.remove()
+    wide[0], wide[2] = nn.Linear(2, 4), nn.Linear(4, 4)
+    sep = alive.SeparationConstraint(wide, kind="up", weight=0.1)
+    calls.clear()
+    wide(x)
+    sep.penalty()
+    assert calls == [(3, 32, 4)]
 
 
 @pytest.mark.parametrize("kind", ["up", "u", "p"])

@@ -117,13 +117,16 @@ class _CapturingForward:
 
     def __init__(self, constraint: "SeparationConstraint", layer: nn.Module):
         self.constraint, self.layer = constraint, layer
+        # the forward it replaces: one already set on the instance, else the class's (looked up
+        # here, not on every call)
         self.inner = layer.__dict__.get("forward")
+        self.call = type(layer).forward if self.inner is None else None
         # an unbatched input (C, *spatial) of a conv layer gives an output of this many dimensions
         self.unbatched = len(layer.kernel_size) + 1 if isinstance(layer, _ConvNd) else None
 
     def __call__(self, *args, **kwargs):
         layer = self.layer
-        out = type(layer).forward(layer, *args, **kwargs) if self.inner is None else self.inner(*args, **kwargs)
+        out = self.call(layer, *args, **kwargs) if self.inner is None else self.inner(*args, **kwargs)
         c = self.constraint
         if c is None:
             return out
@@ -433,10 +436,15 @@ class SeparationConstraint:
             wrapper.constraint = None
             layer = wrapper.layer
             if layer.__dict__.get("forward") is wrapper:
-                if wrapper.inner is None:
+                # back to the first forward below that still does something (a constraint
+                # removed while this one wrapped it left a pass-through)
+                inner = wrapper.inner
+                while isinstance(inner, _CapturingForward) and inner.constraint is None:
+                    inner = inner.inner
+                if inner is None:
                     del layer.__dict__["forward"]
                 else:
-                    layer.__dict__["forward"] = wrapper.inner
+                    layer.__dict__["forward"] = inner
         self._forwards = []
         self.clear()
 

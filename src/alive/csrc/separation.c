@@ -40,6 +40,35 @@
     case 5: { enum { W = 5 }; __VA_ARGS__; } break; case 6: { enum { W = 6 }; __VA_ARGS__; } break; \
     case 7: { enum { W = 7 }; __VA_ARGS__; } break; default: { enum { W = 8 }; __VA_ARGS__; } break; } } while (0)
 
+/* The penalty's work buffer (a layer's transposes): one per thread, kept between calls up to
+ * SCRATCH_KEPT bytes, so that a training step's calls do not each go through malloc and free
+ * (which consolidates the heap's free small blocks before a large request). */
+#define SCRATCH_KEPT ((size_t)1 << 20)
+#if defined(__GNUC__)
+static __thread void *kept;
+static __thread size_t kept_size;
+#else
+static void *kept;  /* no thread-local storage: every call allocates */
+static size_t kept_size = (size_t)-1;
+#endif
+
+static void *scratch(size_t bytes)
+{
+    if (bytes > SCRATCH_KEPT || kept_size == (size_t)-1) return malloc(bytes);
+    if (bytes > kept_size) {
+        free(kept);
+        kept = malloc(SCRATCH_KEPT < 2 * bytes ? SCRATCH_KEPT : 2 * bytes);
+        kept_size = kept ? (SCRATCH_KEPT < 2 * bytes ? SCRATCH_KEPT : 2 * bytes) : 0;
+        if (!kept) return NULL;
+    }
+    return kept;
+}
+
+static void release(void *p)
+{
+    if (p != kept) free(p);
+}
+
 /* 32-byte vectors (GCC's vector extensions): 8 floats or 4 doubles, the integer vectors
  * their comparisons give, and unaligned loads of T arrays */
 typedef float v8f __attribute__((vector_size(32)));

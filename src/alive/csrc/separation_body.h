@@ -150,7 +150,7 @@ int F(sep_forward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, co
 {
     int64_t E = 2 * U + 2 * P;
     int joint = zl == zh;
-    T *th = malloc(sizeof(T) * (size_t)((joint ? 1 : 2) * U * P));
+    T *th = scratch(sizeof(T) * (size_t)((joint ? 1 : 2) * U * P));
     if (!th) return -1;
     T *tl = joint ? th : th + U * P;
     for (int64_t k = 0; k < n; k++) {
@@ -171,7 +171,7 @@ int F(sep_forward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, co
         F(extremes)(th, tl, P, P, R, hu, lu, hp, lp, iu, ju, ip, jp);
         out[k] = (T)F(layer_penalty)(hu, lu, hp, lp, R, P, cu[k], cp[k], rho, margin, agg);
     }
-    free(th);
+    release(th);
     if (total) {
         double sum = 0;
         for (int64_t k = 0; k < n; k++) sum += out[k];
@@ -243,27 +243,36 @@ static void F(scatter_first)(const int32_t *idx, int64_t U, int64_t R, int64_t P
     }
 }
 
-/* Each point's share of its extreme's gradient g among the columns that hold the extreme e
- * (m: P, g/0 for a NaN extreme, which no entry equals: the PyTorch path's NaN) */
-HOT static void F(point_shares)(const T *restrict zt, int64_t P, int64_t R, const T *restrict e, const T *restrict g,
-                                T *restrict m)
+/* Each point's share of the gradient gh of its maximum hp among the columns th that hold it
+ * (mh: P), and of gl of its minimum lp among those of tl (ml); g/0 for a NaN extreme, which no
+ * entry equals: the PyTorch path's NaN */
+HOT static void F(point_shares)(const T *restrict th, const T *restrict tl, int64_t P, int64_t R,
+                                const T *restrict hp, const T *restrict lp, const T *restrict gh,
+                                const T *restrict gl, T *restrict mh, T *restrict ml)
 {
-    for (int64_t p = 0; p < P; p++) m[p] = 0;
+    for (int64_t p = 0; p < P; p++) mh[p] = ml[p] = 0;
     for (int64_t u = 0; u < R; u++) {
-        const T *restrict c = zt + u * P;
-        for (int64_t p = 0; p < P; p++) m[p] += c[p] == e[p] ? (T)1 : (T)0;
+        const T *restrict a = th + u * P, *restrict b = tl + u * P;
+        for (int64_t p = 0; p < P; p++) {
+            mh[p] += a[p] == hp[p] ? (T)1 : (T)0;
+            ml[p] += b[p] == lp[p] ? (T)1 : (T)0;
+        }
     }
-    for (int64_t p = 0; p < P; p++) m[p] = g[p] / m[p];
+    for (int64_t p = 0; p < P; p++) { mh[p] = gh[p] / mh[p]; ml[p] = gl[p] / ml[p]; }
 }
 
-/* A column's share of its extreme's gradient g among its entries equal to e (*s), and what
- * every other entry gets (*z: 0, or 0·g/0 for a NaN extreme, which no entry equals) */
-HOT static void F(unit_share)(const T *restrict c, int64_t P, T e, T g, T *s, T *z)
+/* A column's share of its maximum's gradient gh among its entries (a) equal to the maximum eh
+ * (*sh), and what every other entry gets (*zh: 0, or 0·gh/0 for a NaN extreme, which no entry
+ * equals); the same for its minimum el in b (*sl, *zl) */
+HOT static void F(unit_shares)(const T *restrict a, const T *restrict b, int64_t P, T eh, T el, T gh, T gl,
+                               T *sh, T *zh, T *sl, T *zl)
 {
-    int64_t ties = 0;  /* an integer count: a float sum would not be vectorised */
-    for (int64_t p = 0; p < P; p++) ties += c[p] == e;
-    *s = g / (T)ties;
-    *z = ties == 0 ? (T)0 * *s : (T)0;
+    int32_t th = 0, tl = 0;  /* integer counts: a float sum would not be vectorised */
+    for (int64_t p = 0; p < P; p++) { th += a[p] == eh; tl += b[p] == el; }
+    *sh = gh / (T)th;
+    *zh = th == 0 ? (T)0 * *sh : (T)0;
+    *sl = gl / (T)tl;
+    *zl = tl == 0 ? (T)0 * *sl : (T)0;
 }
 
 /* The gradient of the extremes (gu_h / gp_h of the unit / point maxima hu / hp of the columns
@@ -277,18 +286,14 @@ HOT static void F(spread)(const T *restrict th, const T *restrict tl, int64_t P,
                           T *restrict s, T *dh, T *dl)
 {
     T *restrict mh = s, *restrict ml = s + P;
-    if (any_p) {
-        F(point_shares)(th, P, R, hp, gp_h, mh);
-        F(point_shares)(tl, P, R, lp, gp_l, ml);
-    } else
+    if (any_p)
+        F(point_shares)(th, tl, P, R, hp, lp, gp_h, gp_l, mh, ml);
+    else
         for (int64_t p = 0; p < P; p++) mh[p] = ml[p] = 0;
     for (int64_t u = 0; u < R; u++) {
         const T *restrict a = th + u * P, *restrict b = tl + u * P;
         T eh = hu[u], el = lu[u], sh = 0, zh = 0, sl = 0, zl = 0;
-        if (any_u) {
-            F(unit_share)(a, P, eh, gu_h[u], &sh, &zh);
-            F(unit_share)(b, P, el, gu_l[u], &sl, &zl);
-        }
+        if (any_u) F(unit_shares)(a, b, P, eh, el, gu_h[u], gu_l[u], &sh, &zh, &sl, &zl);
         if (dh == dl) {
             T *restrict d = dh + u * P;
             for (int64_t p = 0; p < P; p++) {
@@ -318,7 +323,7 @@ int F(sep_backward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, c
 {
     int64_t E = 2 * U + 2 * P;
     int joint = zl == zh;
-    T *th = malloc(sizeof(T) * (size_t)(4 * U * P + 2 * U + 4 * P));
+    T *th = scratch(sizeof(T) * (size_t)(4 * U * P + 2 * U + 4 * P));
     if (!th) return -1;
     T *tl = joint ? th : th + U * P, *dth = th + 2 * U * P, *dtl = joint ? dth : dth + U * P;
     T *gu_h = th + 4 * U * P, *gu_l = gu_h + U, *gp_h = gu_l + U, *gp_l = gp_h + P, *scratch = gp_l + P;
@@ -343,6 +348,6 @@ int F(sep_backward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, c
         F(untranspose)(dth, P, U, R, dh);
         if (!joint) F(untranspose)(dtl, P, U, R, dl);
     }
-    free(th);
+    release(th);
     return 0;
 }
