@@ -5,7 +5,7 @@
 * :func:`unit_slacks`, :func:`point_slacks`, :func:`separation_penalty`: the slack
   variables and the penalty of the separation constraints (Sep-U, Sep-P, Sep-UP).
 
-Both the single-network hooks of :class:`alive.constraints.SeparationConstraint` and the
+Both the single-network constraint (:class:`alive.constraints.SeparationConstraint`) and the
 batched grid engine (:mod:`alive.grid`) call :func:`stacked_separation_penalty`, so the
 formulas live in one place. On a CPU both first try :func:`native_separation_penalty`, the
 same formulas in C (:mod:`alive.native`), which the tests hold to this module's values and

@@ -498,7 +498,7 @@ class GridStack(nn.Module):
                 else:
                     z = zc = torch.baddbmm(self.biases[l], h, self.weights[l])  # (n, B, wm)
             # padded units have zero weights that never receive a gradient, so z is exactly 0 there;
-            # like the single-network hooks, the constraint sees the layer output (before any BN)
+            # like the single-network constraint, the penalty sees the layer output (before any BN)
             z_pre = zc
             nxt = self.active[l + 1] if l + 1 < depth else 0
             if want_pen:
