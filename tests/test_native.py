@@ -65,6 +65,24 @@ def test_every_layer_width_and_a_scaled_total_equal_the_pytorch_path(width, ties
     torch.testing.assert_close(out, 0.7 * per_net.sum())
 
 
+@pytest.mark.parametrize("total", [True, False])
+def test_the_gradient_made_with_the_value_serves_a_retained_graph_twice_and_any_upstream_gradient(total):
+    z = (torch.randn(4, 15, 3) * 1.5).round().requires_grad_()
+    ones = torch.ones(4)
+    out = native_separation_penalty(z, ones, ones, 0.3, 1.0, "paper", "split", total=total, scale=0.5)
+    ref = stacked_separation_penalty(z, "up", 0.3, 1.0, "paper")
+    ref = 0.5 * sum(r.sum() for r in ref) if total else ref[0] + ref[1]
+    upstream = torch.tensor(2.5) if total else torch.randn(4)
+    (first,) = torch.autograd.grad(out, z, upstream, retain_graph=True)
+    (again,) = torch.autograd.grad(out, z, upstream)
+    (want,) = torch.autograd.grad(ref, z, upstream)
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(again, want)
+    assert want.abs().sum() > 0
+    with torch.no_grad():  # no input needs a gradient: none is made
+        assert native_separation_penalty(z, ones, ones, total=True).grad_fn is None
+
+
 def test_a_layer_too_large_for_the_kept_work_buffer_is_computed_alike():
     z = (torch.randn(2, 700, 300) * 3).requires_grad_()  # a work buffer of several MB: allocated per call
     ones = torch.ones(2)
@@ -154,8 +172,8 @@ def test_second_order_gradients_equal_the_pytorch_path(strided):
 
 def test_the_constraint_uses_the_kernel_once_per_group_of_layers(monkeypatch):
     calls = []
-    forward = native.separation_forward
-    monkeypatch.setattr(native, "separation_forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
+    forward = native.separation_penalty
+    monkeypatch.setattr(native, "separation_penalty", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
     torch.manual_seed(0)
     net = MLP(2, 2, depth=6, width=3)
     x = torch.randn(32, 2)

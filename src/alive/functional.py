@@ -340,25 +340,29 @@ def _sparse_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor | None:
 
 class _NativePenalty(torch.autograd.Function):
     """``coef_u·g_U + coef_p·g_P`` of each layer of a stack by the native kernel
-    (:mod:`alive.native`), or ``scale`` × their sum: one autograd node, one pass per layer each
-    way (see :func:`native_separation_penalty`). ``zh`` / ``zl`` contiguous; ``options`` =
+    (:mod:`alive.native`), or ``scale`` × their sum: one autograd node and one pass over each
+    layer, which computes the gradient along with the value (where an input requires one) while
+    the layer is at hand; the backward pass only scales it (see
+    :func:`native_separation_penalty`). ``zh`` / ``zl`` contiguous; ``options`` =
     ``(rho, margin, aggregation, ties, scale)``, ``scale`` ``None`` for the per-layer values."""
 
     @staticmethod
     def forward(ctx, zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
                 options: tuple) -> Tensor:
         rho, margin, aggregation, ties, scale = options
-        out, ext, idx = native.separation_forward(zh, zh if zl is None else zl, coef_u, coef_p, real_units, rho, margin,
-                                                  aggregation, ties == "first", scale)
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        out, dzh, dzl = native.separation_penalty(zh, zh if zl is None else zl, coef_u, coef_p, real_units, rho,
+                                                  margin, aggregation, ties == "first", scale, grad)
         ctx.save_for_backward(zh, zl)
         # the kernel's own results and the caller's constants: no autograd bookkeeping needed
-        ctx.kernel = coef_u, coef_p, real_units, ext, idx, options
+        ctx.kernel = coef_u, coef_p, real_units, options
+        ctx.grads = (dzh, dzl) if grad else None
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         zh, zl = ctx.saved_tensors
-        coef_u, coef_p, real_units, ext, idx, (rho, margin, aggregation, ties, scale) = ctx.kernel
+        coef_u, coef_p, real_units, (rho, margin, aggregation, ties, scale) = ctx.kernel
         if grad.dtype != zh.dtype:
             grad = grad.to(zh.dtype)
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiate the built-ins
@@ -368,10 +372,20 @@ class _NativePenalty(torch.autograd.Function):
                 out = scale * out.sum()
             grads = torch.autograd.grad(out, inputs, grad, create_graph=True, allow_unused=True)
             grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
-        else:
-            grads = native.separation_backward(zh, zh if zl is None else zl, coef_u, coef_p, real_units, rho, margin,
-                                               aggregation, ext, idx, grad.contiguous(), scale)
-        return grads[0], (grads[1] if zl is not None else None), None, None, None, None
+            return grads[0], (grads[1] if zl is not None else None), None, None, None, None
+        # handed over (and scaled in place): a retained graph's next backward computes them again
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            _, *grads = native.separation_penalty(zh, zh if zl is None else zl, coef_u, coef_p, real_units, rho,
+                                                  margin, aggregation, ties == "first", scale, True)
+        dzh, dzl = grads
+        # the kernel's gradient is that of an upstream gradient 1 (for each layer, without scale)
+        if scale is None:
+            grad = grad.view(-1, *[1] * (dzh.dim() - 1))
+        if scale is None or float(grad) != 1.0:
+            for d in {id(dzh): dzh, id(dzl): dzl}.values():
+                d.mul_(grad)
+        return dzh, (dzl if zl is not None else None), None, None, None, None
 
 
 def _reference_penalty(zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disabled", "library", "separation_forward", "separation_backward", "DenseStack",
+__all__ = ["available", "disabled", "library", "separation_penalty", "DenseStack",
            "AGGREGATIONS"]
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,9 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     for sfx in _SUFFIX.values():
-        fwd, bwd = getattr(lib, f"sep_forward_{sfx}"), getattr(lib, f"sep_backward_{sfx}")
-        fwd.argtypes = [p, p, i64, i64, i64, p, p, p, f64, f64, i32, p, p, p, f64, p]
-        bwd.argtypes = [p, p, i64, i64, i64, p, p, p, f64, f64, i32, p, p, p, i64, f64, p, p]
-        fwd.restype = bwd.restype = i32
+        fn = getattr(lib, f"sep_penalty_{sfx}")
+        fn.argtypes = [p, p, i64, i64, i64, p, p, p, f64, f64, i32, i32, p, f64, p, p, p]
+        fn.restype = i32
     fwd, bwd = lib.stack_forward_f32, lib.stack_backward_f32
     shape = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, i64, i64]
     fwd.argtypes = shape + [p, p, f64, f64, p, p, f64, f64, i32, i32, p, p, p, p, p]
@@ -177,57 +176,40 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def separation_forward(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
-                       rho: float, margin: float, aggregation: str, first: bool, scale: float | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(out, extremes, arg_extremes)``: ``out[k] = coef_u[k]·A(s_U) + coef_p[k]·A(s_P)`` for
-    each layer ``k`` of the stacks ``zh`` (maxima) and ``zl`` (minima, ``zh`` itself for dense
-    layers), ``(n, points, units)`` contiguous CPU tensors of one float dtype; ``A`` the
-    aggregation; ``real_units`` (int32 ``(n,)``) keeps trailing padded units out. With
-    ``scale``, ``out`` is instead ``scale·Σ_k out[k]`` (0-dim). The extremes (and, for
-    ``first`` ties, their first positions) feed :func:`separation_backward`."""
+def separation_penalty(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
+                       rho: float, margin: float, aggregation: str, first: bool, scale: float | None = None,
+                       grad: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(out, d_zh, d_zl)``: ``out[k] = coef_u[k]·A(s_U) + coef_p[k]·A(s_P)`` for each layer
+    ``k`` of the stacks ``zh`` (maxima) and ``zl`` (minima, ``zh`` itself for dense layers),
+    ``(n, points, units)`` contiguous CPU tensors of one float dtype; ``A`` the aggregation;
+    ``real_units`` (int32 ``(n,)``) keeps trailing padded units out. With ``scale``, ``out`` is
+    instead ``scale·Σ_k out[k]`` (0-dim). With ``grad``, also the gradient of ``out`` (of
+    ``Σ_k out[k]`` without ``scale``) with respect to ``zh`` and ``zl`` (the same tensor twice when
+    ``zl is zh``; else ``None``), computed in the same pass over each layer: a backward pass
+    then only scales it. Tied extremes share their gradient equally unless ``first``."""
     n, P, U = zh.shape
-    E = 2 * U + 2 * P
-    ext = zh.new_empty(n, E)
-    idx = torch.empty(n, E, dtype=torch.int32) if first else None
     out = zh.new_empty(n)
     total = None if scale is None else zh.new_empty(())
-    fn = _functions()[zh.dtype][0]
+    dzh = torch.empty_like(zh) if grad else None
+    dzl = dzh if zl is zh or not grad else torch.empty_like(zl)
+    fn = _functions()[zh.dtype]
     if fn(zh.data_ptr(), zl.data_ptr(), n, P, U, _ptr(real_units), coef_u.data_ptr(), coef_p.data_ptr(),
-          rho, margin, AGGREGATIONS[aggregation], ext.data_ptr(), _ptr(idx), out.data_ptr(),
-          1.0 if scale is None else scale, _ptr(total)):
+          rho, margin, AGGREGATIONS[aggregation], int(first), out.data_ptr(), 1.0 if scale is None else scale,
+          _ptr(total), _ptr(dzh), _ptr(dzl)):
         raise MemoryError("the native separation kernel could not allocate its work buffer")
-    return out if total is None else total, ext, idx
-
-
-def separation_backward(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
-                        rho: float, margin: float, aggregation: str, ext: Tensor, idx: Tensor | None,
-                        grad: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """``(d out/d zh, d out/d zl)`` weighted by ``grad`` (``(n,)``; 0-dim, the gradient of the
-    total, when ``scale`` is given); the same tensor twice when ``zl is zh``. Tied extremes
-    share their gradient equally unless ``idx`` (first ties) is given."""
-    n, P, U = zh.shape
-    dzh = torch.empty_like(zh)
-    dzl = dzh if zl is zh else torch.empty_like(zl)
-    fn = _functions()[zh.dtype][1]
-    if fn(zh.data_ptr(), zl.data_ptr(), n, P, U, _ptr(real_units), coef_u.data_ptr(), coef_p.data_ptr(),
-          rho, margin, AGGREGATIONS[aggregation], ext.data_ptr(), _ptr(idx), grad.data_ptr(),
-          0 if scale is not None else 1, 1.0 if scale is None else scale, dzh.data_ptr(), dzl.data_ptr()):
-        raise MemoryError("the native separation kernel could not allocate its work buffer")
-    return dzh, dzl
+    return out if total is None else total, dzh, dzl
 
 
 _kernels: tuple = (None, {})
 
 
 def _functions() -> dict:
-    """The penalty's (forward, backward) kernels by dtype, looked up once per loaded library
-    (every call counts on a thin net)."""
+    """The penalty kernel by dtype, looked up once per loaded library (every call counts on a
+    thin net)."""
     global _kernels
     lib = _loaded()
     if _kernels[0] is not lib:
-        _kernels = lib, {dtype: (getattr(lib, f"sep_forward_{sfx}"), getattr(lib, f"sep_backward_{sfx}"))
-                         for dtype, sfx in _SUFFIX.items()}
+        _kernels = lib, {dtype: getattr(lib, f"sep_penalty_{sfx}") for dtype, sfx in _SUFFIX.items()}
     return _kernels[1]
 
 

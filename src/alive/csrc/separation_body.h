@@ -139,47 +139,6 @@ HOT static double F(layer_penalty)(const T *restrict hu, const T *restrict lu, c
     return (cu != 0 ? cu * su : 0) + (cp != 0 ? cp * sp : 0);
 }
 
-/* out[k] = cu[k]·A(s_u) + cp[k]·A(s_p), A: sum (agg 0), sum of squares (1) or mean (2);
- * a zero coefficient leaves its term out; and, when total is given, *total = scale·Σ out[k]
- * (summed in double). ext[k] = [hu (U) | lu (U) | hp (P) | lp (P)] and, when idx is given
- * ("first" ties), idx[k] its arg-extremes. zl: the minima's input (zh's for dense layers; a
- * feature map's spatial minima otherwise). Returns 0, or -1 when out of memory. */
-int F(sep_forward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, const int32_t *real,
-                   const T *cu, const T *cp, double rho, double margin, int agg, T *ext, int32_t *idx, T *out,
-                   double scale, T *total)
-{
-    int64_t E = 2 * U + 2 * P;
-    int joint = zl == zh;
-    T *th = scratch(sizeof(T) * (size_t)((joint ? 1 : 2) * U * P));
-    if (!th) return -1;
-    T *tl = joint ? th : th + U * P;
-    for (int64_t k = 0; k < n; k++) {
-        int64_t R = real ? real[k] : U;
-        T *hu = ext + k * E, *lu = hu + U, *hp = lu + U, *lp = hp + P;
-        int32_t *iu = idx ? idx + k * E : NULL, *ju = idx ? iu + U : NULL;
-        int32_t *ip = idx ? ju + U : NULL, *jp = idx ? ip + P : NULL;
-        if (cu[k] == 0 && cp[k] == 0) {  /* an unconstrained net of the stack (the grid's plain ReLU) */
-            memset(hu, 0, sizeof(T) * (size_t)E);
-            if (idx) memset(iu, 0, sizeof(int32_t) * (size_t)E);
-            out[k] = 0;
-            continue;
-        }
-        for (int64_t u = R; u < U; u++) hu[u] = lu[u] = 0;
-        if (idx) for (int64_t u = R; u < U; u++) iu[u] = ju[u] = 0;
-        F(transpose)(zh + k * P * U, P, U, R, th);
-        if (!joint) F(transpose)(zl + k * P * U, P, U, R, tl);
-        F(extremes)(th, tl, P, P, R, hu, lu, hp, lp, iu, ju, ip, jp);
-        out[k] = (T)F(layer_penalty)(hu, lu, hp, lp, R, P, cu[k], cp[k], rho, margin, agg);
-    }
-    release(th);
-    if (total) {
-        double sum = 0;
-        for (int64_t k = 0; k < n; k++) sum += out[k];
-        *total = (T)(scale * sum);
-    }
-    return 0;
-}
-
 /* The gradients of one slack's term (coefficient c) with respect to its max and its min;
  * relu's derivative as autograd takes it: 1 unless the hinge's input is <= 0. */
 static inline void F(slack_grads)(T hi, T lo, T c, double rho, double margin, int agg, int64_t count, T *gh, T *gl)
@@ -226,7 +185,7 @@ HOT static void F(hinge_grads)(const T *restrict hu, const T *restrict lu, const
 }
 
 /* Add the extremes' gradients at their first positions (idx: [iu | ju | ip | jp], U units
- * and P points, the layout of sep_forward's idx) into dh (maxima) and dl (minima, dh itself
+ * and P points, the layout of sep_penalty's first positions) into dh (maxima) and dl (minima, dh itself
  * for dense layers), entry (p, u) at p·ps + u·us: unit maxima, unit minima, point maxima,
  * point minima. */
 static void F(scatter_first)(const int32_t *idx, int64_t U, int64_t R, int64_t P, const T *gu_h, const T *gu_l,
@@ -312,42 +271,65 @@ HOT static void F(spread)(const T *restrict th, const T *restrict tl, int64_t P,
     }
 }
 
-/* The gradient of out (upstream gradient scale·G[k·gs] per network: gs 0 for a total's) with
- * respect to zh and zl, written into dzh and dzl (the same buffer when zl == zh; padded units
- * get 0), in the order of the PyTorch path: split ties (idx NULL): unit maxima, point maxima,
- * unit minima, point minima; first ties: unit maxima, unit minima, point maxima, point minima.
- * Returns 0, or -1 when out of memory. */
-int F(sep_backward)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, const int32_t *real,
-                    const T *cu, const T *cp, double rho, double margin, int agg,
-                    const T *ext, const int32_t *idx, const T *G, int64_t gs, double scale, T *dzh, T *dzl)
+/* out[k] = cu[k]·A(s_u) + cp[k]·A(s_p) for each layer k of the stack zh (maxima) and zl
+ * (minima: zh itself for dense layers; a feature map's spatial minima otherwise), A: sum (agg
+ * 0), sum of squares (1) or mean (2); a zero coefficient leaves its term out; the first
+ * real[k] units of a layer are real, the rest padding (real NULL: all). When total is given,
+ * *total = scale·Σ out[k] (summed in double). When dzh is given, also the gradient, while the
+ * layer is at hand: of *total (total given) or of Σ out[k] (not) with respect to zh and zl,
+ * written into dzh and dzl (the same buffer when zl == zh; padded units get 0), adding up each
+ * entry's shares in the order of the PyTorch path: split ties (first 0): unit maxima, point
+ * maxima, unit minima, point minima, each extreme's gradient shared equally among the entries
+ * holding it; first ties: unit maxima, unit minima, point maxima, point minima, each at its first
+ * position. Returns 0, or -1 when out of memory. */
+int F(sep_penalty)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, const int32_t *real,
+                   const T *cu, const T *cp, double rho, double margin, int agg, int first,
+                   T *out, double scale, T *total, T *dzh, T *dzl)
 {
     int64_t E = 2 * U + 2 * P;
-    int joint = zl == zh;
-    T *th = scratch(sizeof(T) * (size_t)(4 * U * P + 2 * U + 4 * P));
+    int joint = zl == zh, grad = dzh != NULL;
+    /* columns of zh and zl, and of their gradients; the extremes, their first positions, their
+     * gradients and the points' shares of them */
+    size_t cols = (size_t)((joint ? 1 : 2) * U * P) * (grad ? 2 : 1);
+    T *th = scratch(sizeof(T) * (cols + (size_t)(2 * E + 2 * P)) + sizeof(int32_t) * (size_t)E);
     if (!th) return -1;
-    T *tl = joint ? th : th + U * P, *dth = th + 2 * U * P, *dtl = joint ? dth : dth + U * P;
-    T *gu_h = th + 4 * U * P, *gu_l = gu_h + U, *gp_h = gu_l + U, *gp_l = gp_h + P, *scratch = gp_l + P;
+    T *tl = joint ? th : th + U * P, *dth = th + (joint ? 1 : 2) * U * P, *dtl = joint ? dth : dth + U * P;
+    T *hu = th + cols, *lu = hu + U, *hp = lu + U, *lp = hp + P;
+    T *gu_h = lp + P, *gu_l = gu_h + U, *gp_h = gu_l + U, *gp_l = gp_h + P, *shares = gp_l + P;
+    int32_t *iu = first ? (int32_t *)(shares + 2 * P) : NULL, *ju = first ? iu + U : NULL;
+    int32_t *ip = first ? ju + U : NULL, *jp = first ? ip + P : NULL;
+    T G = (T)(total ? scale : 1.0);
     for (int64_t k = 0; k < n; k++) {
         int64_t R = real ? real[k] : U;
-        const T *h = zh + k * P * U, *l = zl + k * P * U;
-        T *dh = dzh + k * P * U, *dl = dzl + k * P * U;
-        const T *hu = ext + k * E, *lu = hu + U, *hp = lu + U, *lp = hp + P;
+        T *dh = grad ? dzh + k * P * U : NULL, *dl = grad ? dzl + k * P * U : NULL;
         int any_u = 0, any_p = 0;
-        if (cu[k] != 0 || cp[k] != 0)
-            F(hinge_grads)(hu, lu, hp, lp, R, P, scale == 1 ? G[k * gs] : (T)(scale * G[k * gs]), cu[k], cp[k], rho, margin, agg, gu_h, gu_l, gp_h, gp_l, &any_u, &any_p);
-        if (idx || (!any_u && !any_p)) {
+        out[k] = 0;
+        if (cu[k] != 0 || cp[k] != 0) {  /* (both 0: an unconstrained net of the grid's stack) */
+            F(transpose)(zh + k * P * U, P, U, R, th);
+            if (!joint) F(transpose)(zl + k * P * U, P, U, R, tl);
+            F(extremes)(th, tl, P, P, R, hu, lu, hp, lp, iu, ju, ip, jp);
+            out[k] = (T)F(layer_penalty)(hu, lu, hp, lp, R, P, cu[k], cp[k], rho, margin, agg);
+            if (grad)
+                F(hinge_grads)(hu, lu, hp, lp, R, P, G, cu[k], cp[k], rho, margin, agg, gu_h, gu_l, gp_h, gp_l,
+                               &any_u, &any_p);
+        }
+        if (!grad) continue;
+        if (first || (!any_u && !any_p)) {  /* entry (p, u) at p·U + u */
             memset(dh, 0, sizeof(T) * (size_t)(P * U));
             if (!joint) memset(dl, 0, sizeof(T) * (size_t)(P * U));
-            if (any_u || any_p)  /* entry (p, u) at p·U + u */
-                F(scatter_first)(idx + k * E, U, R, P, gu_h, gu_l, gp_h, gp_l, any_u, any_p, U, 1, dh, dl);
+            if (any_u || any_p)
+                F(scatter_first)(iu, U, R, P, gu_h, gu_l, gp_h, gp_l, any_u, any_p, U, 1, dh, dl);
             continue;
         }
-        F(transpose)(h, P, U, R, th);
-        if (!joint) F(transpose)(l, P, U, R, tl);
-        F(spread)(th, tl, P, R, hu, lu, hp, lp, gu_h, gu_l, gp_h, gp_l, any_u, any_p, scratch, dth, dtl);
+        F(spread)(th, tl, P, R, hu, lu, hp, lp, gu_h, gu_l, gp_h, gp_l, any_u, any_p, shares, dth, dtl);
         F(untranspose)(dth, P, U, R, dh);
         if (!joint) F(untranspose)(dtl, P, U, R, dl);
     }
     release(th);
+    if (total) {
+        double sum = 0;
+        for (int64_t k = 0; k < n; k++) sum += out[k];
+        *total = (T)(scale * sum);
+    }
     return 0;
 }
