@@ -55,7 +55,7 @@ def activation_ratios(device, quick):
     return {"linked_relu_vs_relu": paired_ratio(r, "linked", "relu"), "linked_relu_vs_naive": paired_ratio(r, "linked", "naive")}
 
 
-def step_ratios(make_model, x, y, device, quick, name, key, memory_format=torch.contiguous_format):
+def step_ratios(make_model, x, y, device, quick, name, key, memory_format=torch.contiguous_format, rounds=15, repeat=10):
     torch.manual_seed(0)
     plain_model = make_model().to(device, memory_format=memory_format)
     sep_model = make_model().to(device, memory_format=memory_format)
@@ -79,7 +79,7 @@ def step_ratios(make_model, x, y, device, quick, name, key, memory_format=torch.
     fns = {"plain": lambda: step(plain_model, False), "sep-up": lambda: step(sep_model, True)}
     if native.available() and device == "cpu":
         fns["sep-up, PyTorch penalty"] = pytorch_step
-    r = rounds_of(fns, device=device, rounds=5 if quick else 15, repeat=3 if quick else 10)
+    r = rounds_of(fns, device=device, rounds=5 if quick else rounds, repeat=3 if quick else repeat)
     t = medians(r)
     print(f"{name} training step: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
     ratios = {key: paired_ratio(r, "sep-up", "plain")}
@@ -100,7 +100,9 @@ def main():
     b = 64 if args.quick else 256
     x = torch.randn(b, 2, device=dev)
     y = torch.randint(0, 2, (b,), device=dev)
-    ratios |= step_ratios(lambda: MLP(2, 2, depth=50, width=4), x, y, dev, args.quick, "MLP 50x4", "sepup_step_mlp50x4")
+    # (a step of a few ms: more, shorter rounds for the same time, a steadier median)
+    ratios |= step_ratios(lambda: MLP(2, 2, depth=50, width=4), x, y, dev, args.quick, "MLP 50x4", "sepup_step_mlp50x4",
+                          rounds=40, repeat=5)
     xi = torch.randn(16 if args.quick else 128, 1, 28, 28, device=dev)
     yi = torch.randint(0, 10, (xi.shape[0],), device=dev)
     cnn = lambda: RectCNN(1, 10, 28, depth=4, width=16)  # noqa: E731
