@@ -347,6 +347,16 @@ def test_constrained_layers_capture_through_their_forward_and_keep_the_fast_call
     torch.testing.assert_close(net(x), out)
 
 
+def test_the_forward_hooks_of_a_constraint_pickled_by_an_earlier_version_still_capture():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 1))
+    sep = SeparationConstraint(net, kind="up")
+    del net[0].__dict__["forward"]  # as such a model comes back: a hook instead of the capturing forward
+    net[0].register_forward_hook(sep._capture)
+    net(torch.randn(1, 6, 6))  # an unbatched input: one point
+    assert [tuple(z.shape) for z in sep._captured] == [(1, 2, 4, 4)]
+    assert sep.penalty() > 0
+
+
 def test_a_pickled_constrained_model_loads_with_a_working_constraint():
     import io
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))

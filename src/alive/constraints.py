@@ -174,12 +174,12 @@ class SeparationConstraint:
     it had; :meth:`remove` puts that back), which keeps the layer's output, i.e. the
     pre-activation shared by all members of a linked activation. Forward hooks would do the
     same at a cost: a layer with one takes PyTorch's slow call path, a twentieth of a 50-layer
-    thin MLP's training step; hooks of your own still run around the layer as before. A ``Linear`` layer applied to ``(N, *, F)`` inputs
-    has ``F`` units and every one of its ``N·*`` input rows is a point; a conv layer's
-    unbatched input ``(C, *spatial)`` is one point. By default every ``Linear`` and ``Conv`` layer
-    except the output one (the last one registered in the model; a warning says when it runs
-    before constrained layers) is constrained; pass ``layers=`` to choose. Those outputs must not be
-    modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
+    thin MLP's training step; hooks of your own still run around the layer as before. A
+    ``Linear`` layer applied to ``(N, *, F)`` inputs has ``F`` units and every one of its
+    ``N·*`` input rows is a point; a conv layer's unbatched input ``(C, *spatial)`` is one
+    point. By default every ``Linear`` and ``Conv`` layer except the output one (the last one
+    registered in the model; a warning says when it runs before constrained layers) is
+    constrained; pass ``layers=`` to choose. Those outputs must not be modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
     would turn them into activations): :meth:`penalty` refuses such a forward pass. On a CPU,
     feature maps pass through an identity (same values and memory) that lets the penalty's
     gradient arrive as a sparse tensor. On a CPU (float32/float64) :meth:`penalty` is computed
@@ -270,6 +270,8 @@ class SeparationConstraint:
         self._output_at = len(self._raw)
 
     def _capture(self, module: nn.Module, unbatched: int | None, output: Tensor) -> Tensor:
+        if isinstance(unbatched, tuple):  # the forward hook (module, args, output) of a constraint pickled earlier
+            unbatched = len(module.kernel_size) + 1 if isinstance(module, _ConvNd) else None
         if not isinstance(output, Tensor):
             raise TypeError(f"the constrained layer {type(module).__name__} returned a {type(output).__name__}, "
                             "not a tensor of pre-activations; constrain Linear/Conv-like layers (layers=)")
