@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from torch import nn
 
 import alive
 from alive import functional as AF
+from alive import native
 from alive.activations import (
     Linked,
     LinkedPReLU,
@@ -52,6 +54,51 @@ def test_fast_linked_relu_matches_naive_cat_in_value_and_gradient(shape, dim, ch
     naive.backward(g)
     assert torch.equal(z.grad, z2.grad)
     assert torch.autograd.gradcheck(lambda t: AF._LinkedReLU.apply(t, dim), (torch.randn(shape, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,dim,channels_last", [
+    ((4, 6, 5, 3), 1, False), ((4, 6, 5, 3), 1, True), ((4, 6, 5, 3), 2, True), ((4, 6, 5, 3), 0, False),
+    ((7, 9), -1, False), ((3, 17, 2), 1, False)])
+def test_the_native_linked_relu_equals_the_pytorch_passes_exactly(dtype, shape, dim, channels_last):
+    z = torch.randn(shape, dtype=dtype)
+    z.view(-1)[::5] = 0.0
+    z.view(-1)[1] = float("nan")
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    out_shape = list(shape)
+    out_shape[dim] *= 2
+    g = torch.randn(out_shape[::-1], dtype=dtype).permute(*reversed(range(len(shape))))  # a strided gradient
+    runs = []
+    for kernel in (True, False):
+        t = z.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        with contextlib.nullcontext() if kernel else native.disabled():
+            out = AF._LinkedReLU.apply(t, dim)
+            out.backward(g)
+        runs.append((out, t.grad))
+    (a, ga), (b, gb) = runs
+    assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.isnan(a).sum() == 2
+    assert a.is_contiguous(memory_format=_fmt(z)) and ga.is_contiguous(memory_format=_fmt(z))
+    assert torch.equal(ga.nan_to_num(7.0), gb.nan_to_num(7.0)) and ga.abs().sum() > 0
+
+
+def _fmt(z):
+    return torch.contiguous_format if z.is_contiguous() else torch.channels_last
+
+
+def test_the_linked_relu_kernel_leaves_double_backward_to_the_built_ins():
+    z = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 8, 5, dtype=torch.float64)
+
+    def gradient_norm(f):
+        (g,) = torch.autograd.grad((f(z) * w).square().sum(), z, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), z)[0]
+
+    fused = gradient_norm(lambda t: AF._LinkedReLU.apply(t, 1))
+    naive = gradient_norm(lambda t: torch.cat((torch.relu(t), torch.relu(-t)), 1))
+    torch.testing.assert_close(fused, naive)
+    assert fused.abs().sum() > 0
 
 
 def test_linked_relu_takes_the_fused_path_only_on_large_tensors():

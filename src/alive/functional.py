@@ -47,11 +47,13 @@ KINDS = ("u", "p", "up")
 
 # --------------------------------------------------------------------------- linked
 class _LinkedReLU(torch.autograd.Function):
-    """``cat(relu(z), relu(-z))`` written straight into its output, one pass per half.
+    """``cat(relu(z), relu(-z))`` written straight into its output.
 
     Backward reads only the output (which the next layer keeps for its own backward anyway,
-    so linking costs no extra activation memory): ``dz = g_pos·[out_pos > 0] - g_neg·[out_neg > 0]``,
-    each half thresholded on its own so that no ``2·C`` intermediate is allocated.
+    so linking costs no extra activation memory): ``dz = g_pos·[out_pos > 0] - g_neg·[out_neg > 0]``.
+    On a CPU (float32/float64, contiguous or channels-last) the native kernel of
+    :mod:`alive.native` does each way in one pass; elsewhere one pass per half (each half
+    thresholded on its own, so that no ``2·C`` intermediate is allocated) and a subtraction.
     At ``z == 0`` both members have PyTorch's ReLU derivative 0, exactly as the naive composition.
     """
 
@@ -62,19 +64,44 @@ class _LinkedReLU(torch.autograd.Function):
         shape = list(z.shape)
         shape[dim] = 2 * c
         out = torch.empty(shape, dtype=z.dtype, device=z.device, memory_format=_memory_format(z))
-        torch.clamp_min(z, 0, out=out.narrow(dim, 0, c))
-        torch.clamp_max(z, 0, out=out.narrow(dim, c, c)).neg_()
+        rows = _linked_rows(z, dim)
+        if rows is not None:
+            native.linked_relu_rows(z, *rows, out)
+        else:
+            torch.clamp_min(z, 0, out=out.narrow(dim, 0, c))
+            torch.clamp_max(z, 0, out=out.narrow(dim, c, c)).neg_()
         ctx.save_for_backward(out)
-        ctx.dim = dim
+        ctx.dim, ctx.rows = dim, rows
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
+        if ctx.rows is not None and not torch.is_grad_enabled():  # (a double backward differentiates the built-ins)
+            fmt = _memory_format(out)
+            shape = list(out.shape)
+            shape[ctx.dim] //= 2
+            dz = torch.empty(shape, dtype=out.dtype, memory_format=fmt)
+            native.linked_relu_rows_grad(grad.contiguous(memory_format=fmt), out, *ctx.rows, dz)
+            return dz, None
         g_pos, g_neg = grad.chunk(2, ctx.dim)
         out_pos, out_neg = out.chunk(2, ctx.dim)
         dz = torch.ops.aten.threshold_backward(g_pos, out_pos, 0)
         return dz.sub_(torch.ops.aten.threshold_backward(g_neg, out_neg, 0)), None
+
+
+def _linked_rows(z: Tensor, dim: int) -> tuple[int, int] | None:
+    """``(rows, length)`` of ``z`` as the native linked-ReLU kernel reads it (each row one
+    stretch of memory: ``dim`` and the dimensions after it, or a channels-last pixel's channels
+    for ``dim`` 1), or ``None`` where it does not apply."""
+    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or not z.numel() or not native.available():
+        return None
+    if z.is_contiguous():
+        rows = math.prod(z.shape[:dim])
+        return rows, z.numel() // rows
+    if dim == 1 and _memory_format(z) is torch.channels_last:
+        return z.numel() // z.shape[1], z.shape[1]
+    return None
 
 
 def _memory_format(z: Tensor):

@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disabled", "library", "separation_penalty", "DenseStack",
-           "AGGREGATIONS"]
+__all__ = ["available", "disabled", "library", "separation_penalty", "linked_relu_rows", "linked_relu_rows_grad",
+           "DenseStack", "AGGREGATIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(lib, f"sep_penalty_{sfx}")
         fn.argtypes = [p, p, i64, i64, i64, p, p, p, f64, f64, i32, i32, p, f64, p, p, p]
         fn.restype = i32
+        fwd, bwd = getattr(lib, f"linked_relu_forward_{sfx}"), getattr(lib, f"linked_relu_backward_{sfx}")
+        fwd.argtypes, bwd.argtypes = [p, i64, i64, p], [p, p, i64, i64, p]
+        fwd.restype = bwd.restype = i32
     fwd, bwd = lib.stack_forward_f32, lib.stack_backward_f32
     shape = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, i64, i64]
     fwd.argtypes = shape + [p, p, f64, f64, p, p, f64, f64, i32, i32, p, p, p, p, p]
@@ -198,6 +201,20 @@ def separation_penalty(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, r
           _ptr(total), _ptr(dzh), _ptr(dzl)):
         raise MemoryError("the native separation kernel could not allocate its work buffer")
     return out if total is None else total, dzh, dzl
+
+
+def linked_relu_rows(z: Tensor, rows: int, length: int, out: Tensor) -> None:
+    """``out`` ← the mirror-linked ReLU of ``z``: each of ``rows`` rows of ``length`` elements
+    of ``z`` (in memory order) becomes ``relu(z)`` then ``relu(-z)``, two rows of ``out``. CPU
+    float32/float64 tensors laid out so in memory (the caller checks)."""
+    getattr(_loaded(), f"linked_relu_forward_{_SUFFIX[z.dtype]}")(z.data_ptr(), rows, length, out.data_ptr())
+
+
+def linked_relu_rows_grad(grad: Tensor, out: Tensor, rows: int, length: int, dz: Tensor) -> None:
+    """``dz`` ← the gradient of :func:`linked_relu_rows` for the output gradient ``grad`` (laid
+    out as ``out``), read from its output: ``g_pos·[out_pos > 0] − g_neg·[out_neg > 0]``."""
+    getattr(_loaded(), f"linked_relu_backward_{_SUFFIX[out.dtype]}")(grad.data_ptr(), out.data_ptr(), rows, length,
+                                                                     dz.data_ptr())
 
 
 _kernels: tuple = (None, {})

@@ -1,6 +1,7 @@
 /* Native CPU kernels of alive (built and loaded by alive/native.py, which documents them):
  * the separation penalty of stacked dense pre-activations in one pass per network (here and in
- * separation_body.h), and the grid engine's dense ReLU stacks (dense_stack.h).
+ * separation_body.h), the mirror-linked ReLU (linked_relu.h), and the grid engine's dense ReLU
+ * stacks (dense_stack.h).
  *
  * The penalty: the PyTorch functions of alive/functional.py compute the same values and are
  * the reference in the tests. A layer
@@ -89,6 +90,7 @@ typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
 #define VU v8u
 #define VL 8
 #include "separation_body.h"
+#include "linked_relu.h"
 #undef T
 #undef F
 #undef VT
@@ -103,6 +105,7 @@ typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
 #define VU v4u
 #define VL 4
 #include "separation_body.h"
+#include "linked_relu.h"
 #undef T
 #undef F
 #undef VT
