@@ -8,6 +8,8 @@ operations on them cost far more in per-operation latency than in arithmetic (a 
 * ``separation_body.h``: the penalty of a stack of layers, and its gradient, in one pass per
   layer; :mod:`alive.functional` uses it for CPU float32/float64 tensors and falls back to its
   PyTorch operations wherever it does not apply;
+* ``linked_relu.h``: the mirror-linked ReLU, one pass each way (:func:`linked_relu_rows`),
+  which :func:`alive.functional.linked_relu` uses for large CPU tensors;
 * ``dense_stack.h`` (:class:`DenseStack`): the forward and backward pass of a whole stack of
   dense ReLU networks (BatchNorm and the penalty included), each network at its own width, for
   the grid engine (:class:`alive.grid.GridStack`), where hundreds of networks of 1-25 units made
