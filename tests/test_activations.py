@@ -87,6 +87,16 @@ def _fmt(z):
     return torch.contiguous_format if z.is_contiguous() else torch.channels_last
 
 
+def test_a_compiled_linked_relu_equals_eager():
+    # (its out= halves are not traceable whole: the function runs eagerly between graphs)
+    z = torch.randn(3, 4, 5, requires_grad=True)
+    compiled = torch.compile(lambda t: AF._LinkedReLU.apply(t, 1).sin(), backend="aot_eager")
+    out = compiled(z)
+    want = torch.cat((torch.relu(z), torch.relu(-z)), 1).sin()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), z)[0], torch.autograd.grad(want.sum(), z)[0])
+
+
 def test_the_linked_relu_kernel_leaves_double_backward_to_the_built_ins():
     z = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 8, 5, dtype=torch.float64)

@@ -357,6 +357,18 @@ def test_the_forward_hooks_of_a_constraint_pickled_by_an_earlier_version_still_c
     assert sep.penalty() > 0
 
 
+def test_the_capturing_forward_follows_a_class_forward_changed_later():
+    class Layer(nn.Linear):
+        pass
+
+    net = nn.Sequential(Layer(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    sep = SeparationConstraint(net)
+    x = torch.randn(5, 2)
+    Layer.forward = lambda self, t: 2 * nn.functional.linear(t, self.weight, self.bias)  # e.g. patched by a library
+    net(x)
+    torch.testing.assert_close(sep.preactivations[0], 2 * nn.functional.linear(x, net[0].weight, net[0].bias))
+
+
 def test_a_pickled_constrained_model_loads_with_a_working_constraint():
     import io
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))

@@ -79,8 +79,17 @@ def test_the_gradient_made_with_the_value_serves_a_retained_graph_twice_and_any_
     torch.testing.assert_close(first, want)
     torch.testing.assert_close(again, want)
     assert want.abs().sum() > 0
-    with torch.no_grad():  # no input needs a gradient: none is made
-        assert native_separation_penalty(z, ones, ones, total=True).grad_fn is None
+    asked = []
+    kernel = native.separation_penalty
+    try:
+        native.separation_penalty = lambda *a: asked.append(a[-1]) or kernel(*a)
+        with torch.no_grad():  # gradient mode off where it is called: no gradient is made
+            assert native_separation_penalty(z, ones, ones, total=True).grad_fn is None
+        native_separation_penalty(z.detach(), ones, ones, total=True)  # nothing requires one
+        native_separation_penalty(z, ones, ones, total=True)
+    finally:
+        native.separation_penalty = kernel
+    assert asked == [False, False, True]
 
 
 def test_a_layer_too_large_for_the_kept_work_buffer_is_computed_alike():

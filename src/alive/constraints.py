@@ -113,21 +113,22 @@ class _CapturingForward:
     slow one (on a 50-layer, 4-unit MLP that was about 5 % of a training step). ``inner``: a
     forward already set on the instance (another constraint's), else the class's is called.
     After :meth:`SeparationConstraint.remove` (``constraint`` ``None``) it only passes through,
-    where it could not be taken out (something wrapped the forward again since).
+    where it could not be taken out (something wrapped the forward again since). It runs its own
+    layer: a shallow copy of the layer (``copy.copy``, ``nn.DataParallel``'s replicas) shares it
+    and so runs the original's parameters; train data-parallel with DistributedDataParallel.
     """
 
     def __init__(self, constraint: "SeparationConstraint", layer: nn.Module):
         self.constraint, self.layer = constraint, layer
         # the forward it replaces: one already set on the instance, else the class's (looked up
-        # here, not on every call)
+        # at each call, as nn.Module does)
         self.inner = layer.__dict__.get("forward")
-        self.call = type(layer).forward if self.inner is None else None
         # an unbatched input (C, *spatial) of a conv layer gives an output of this many dimensions
         self.unbatched = len(layer.kernel_size) + 1 if isinstance(layer, _ConvNd) else None
 
     def __call__(self, *args, **kwargs):
         layer = self.layer
-        out = self.call(layer, *args, **kwargs) if self.inner is None else self.inner(*args, **kwargs)
+        out = type(layer).forward(layer, *args, **kwargs) if self.inner is None else self.inner(*args, **kwargs)
         c = self.constraint
         if c is None:
             return out
@@ -193,7 +194,8 @@ class SeparationConstraint:
     be non-reentrant (``use_reentrant=False``): the reentrant kind runs the forward under
     ``no_grad``, so the penalty would get no gradient. ``copy.deepcopy`` and pickling of the
     model take its capturing forwards, and so a copy of the constraint, along without the
-    captured tensors.
+    captured tensors. ``nn.DataParallel`` (one process, replicas made by shallow copies) is not
+    supported; ``DistributedDataParallel`` is.
 
     Args:
         model: the network; the penalty refers to its last forward pass.
@@ -398,7 +400,8 @@ class SeparationConstraint:
             return None
         # what native_separation_penalty would check holds here: the kernel's node directly
         return _NativePenalty.apply(zh, None, *self._native_coefs(len(zs), zh.dtype), None,
-                                    (self.rho, self.margin, self.aggregation, self.ties, self.weight))
+                                    (self.rho, self.margin, self.aggregation, self.ties, self.weight,
+                                     torch.is_grad_enabled()))
 
     def layer_terms(self) -> list[tuple[Tensor | None, Tensor | None]]:
         """``(g_U, g_P)`` of each constrained layer (unweighted) for the last forward pass."""

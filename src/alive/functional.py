@@ -94,8 +94,9 @@ def _linked_rows(z: Tensor, dim: int) -> tuple[int, int] | None:
     """``(rows, length)`` of ``z`` as the native linked-ReLU kernel reads it (each row one
     stretch of memory: ``dim`` and the dimensions after it, or a channels-last pixel's channels
     for ``dim`` 1), or ``None`` where it does not apply."""
-    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or not z.numel() or not native.available():
-        return None
+    if (type(z) is not Tensor or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64)
+            or not z.numel() or torch.compiler.is_compiling() or not native.available()):
+        return None  # (fake tensors of a compiled graph, subclasses: the built-ins trace and dispatch)
     if z.is_contiguous():
         rows = math.prod(z.shape[:dim])
         return rows, z.numel() // rows
@@ -372,13 +373,15 @@ class _NativePenalty(torch.autograd.Function):
     layer, which computes the gradient along with the value (where an input requires one) while
     the layer is at hand; the backward pass only scales it (see
     :func:`native_separation_penalty`). ``zh`` / ``zl`` contiguous; ``options`` =
-    ``(rho, margin, aggregation, ties, scale)``, ``scale`` ``None`` for the per-layer values."""
+    ``(rho, margin, aggregation, ties, scale, grad)``, ``scale`` ``None`` for the per-layer
+    values, ``grad`` whether gradient mode was on where it was called (inside ``forward`` it is
+    off, and ``needs_input_grad`` does not say)."""
 
     @staticmethod
     def forward(ctx, zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Tensor, real_units: Tensor | None,
                 options: tuple) -> Tensor:
-        rho, margin, aggregation, ties, scale = options
-        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        rho, margin, aggregation, ties, scale, grad = options
+        grad = grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         out, dzh, dzl = native.separation_penalty(zh, zh if zl is None else zl, coef_u, coef_p, real_units, rho,
                                                   margin, aggregation, ties == "first", scale, grad)
         ctx.save_for_backward(zh, zl)
@@ -390,7 +393,7 @@ class _NativePenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         zh, zl = ctx.saved_tensors
-        coef_u, coef_p, real_units, (rho, margin, aggregation, ties, scale) = ctx.kernel
+        coef_u, coef_p, real_units, (rho, margin, aggregation, ties, scale, _) = ctx.kernel
         if grad.dtype != zh.dtype:
             grad = grad.to(zh.dtype)
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiate the built-ins
@@ -505,7 +508,7 @@ def native_separation_penalty(
         real_units = real_units.contiguous()
     if coef_u.dtype != zh.dtype or coef_p.dtype != zh.dtype or coef_u.device != zh.device or coef_p.device != zh.device:
         coef_u, coef_p = coef_u.to(zh), coef_p.to(zh)
-    options = (rho, margin, aggregation, ties, float(scale) if total else None)
+    options = (rho, margin, aggregation, ties, float(scale) if total else None, torch.is_grad_enabled())
     # (contiguous: a differentiable copy of a strided view, which the kernel then reads)
     return _NativePenalty.apply(zh.contiguous(), None if zl is None else zl.contiguous(), coef_u.contiguous(), coef_p.contiguous(),
                                 real_units, options)

@@ -43,32 +43,58 @@
 
 /* The penalty's work buffer (a layer's transposes): one per thread, kept between calls up to
  * SCRATCH_KEPT bytes, so that a training step's calls do not each go through malloc and free
- * (which consolidates the heap's free small blocks before a large request). */
+ * (which consolidates the heap's free small blocks before a large request); freed when its
+ * thread ends. Without POSIX threads every call allocates. */
 #define SCRATCH_KEPT ((size_t)1 << 20)
-#if defined(__GNUC__)
-static __thread void *kept;
-static __thread size_t kept_size;
-#else
-static void *kept;  /* no thread-local storage: every call allocates */
-static size_t kept_size = (size_t)-1;
-#endif
+#define SCRATCH_HEAD 8  /* size_t words before the buffer: its size, and 64-byte room */
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+static pthread_key_t kept_key;
+static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
+static int kept_ok;
+
+static void kept_init(void)
+{
+    kept_ok = pthread_key_create(&kept_key, free) == 0;
+}
 
 static void *scratch(size_t bytes)
 {
-    if (bytes > SCRATCH_KEPT || kept_size == (size_t)-1) return malloc(bytes);
-    if (bytes > kept_size) {
-        free(kept);
-        kept = malloc(SCRATCH_KEPT < 2 * bytes ? SCRATCH_KEPT : 2 * bytes);
-        kept_size = kept ? (SCRATCH_KEPT < 2 * bytes ? SCRATCH_KEPT : 2 * bytes) : 0;
-        if (!kept) return NULL;
+    if (bytes > SCRATCH_KEPT) return malloc(bytes);
+    pthread_once(&kept_once, kept_init);
+    if (!kept_ok) return malloc(bytes);
+    size_t *block = pthread_getspecific(kept_key);
+    if (!block || block[0] < bytes) {
+        size_t size = SCRATCH_KEPT < 2 * bytes ? SCRATCH_KEPT : 2 * bytes;
+        size_t *grown = malloc(sizeof(size_t) * SCRATCH_HEAD + size);
+        if (!grown) return NULL;
+        grown[0] = size;
+        if (pthread_setspecific(kept_key, grown)) {
+            free(grown);
+            return malloc(bytes);
+        }
+        free(block);
+        block = grown;
     }
-    return kept;
+    return block + SCRATCH_HEAD;
 }
 
 static void release(void *p)
 {
-    if (p != kept) free(p);
+    size_t *block = kept_ok ? pthread_getspecific(kept_key) : NULL;
+    if (!block || p != (void *)(block + SCRATCH_HEAD)) free(p);
 }
+#else
+static void *scratch(size_t bytes)
+{
+    return malloc(bytes);
+}
+
+static void release(void *p)
+{
+    free(p);
+}
+#endif
 
 /* 32-byte vectors (GCC's vector extensions): 8 floats or 4 doubles, the integer vectors
  * their comparisons give, and unaligned loads of T arrays */
