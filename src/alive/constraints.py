@@ -338,11 +338,12 @@ class SeparationConstraint:
                 "forward pass; if it is not the output layer, choose the layers with layers= (or include_output=True)",
                 stacklevel=stacklevel)
 
-    def _groups(self, stacklevel: int = 3) -> list[list[int]]:
-        """The captured layers by shape (checked first): layers of one shape are penalised
-        together in one pass (a deep thin net costs a handful of operations, not a handful per
-        layer)."""
-        self._check_pass(stacklevel + 1)
+    def _groups(self, stacklevel: int = 3, checked: bool = False) -> list[list[int]]:
+        """The captured layers by shape (checked first, unless ``checked``): layers of one shape
+        are penalised together in one pass (a deep thin net costs a handful of operations, not a
+        handful per layer)."""
+        if not checked:
+            self._check_pass(stacklevel + 1)
         groups: dict[tuple, list[int]] = {}
         for i, z in enumerate(self._captured):
             groups.setdefault((z.shape, z.dtype, z.device), []).append(i)
@@ -414,13 +415,13 @@ class SeparationConstraint:
     def penalty(self) -> Tensor:
         """λ · (g_U + g_P) for the last forward pass (differentiable; works under ``no_grad`` too)."""
         sync = _distributed()
+        self._check_pass(stacklevel=3)
         if not sync:
-            self._check_pass(stacklevel=3)
             total = self._dense_native_penalty()
             if total is not None:
                 return total
         total = None
-        groups = self._groups()
+        groups = self._groups(checked=True)
         self._stackable = len(groups) == 1
         for idx in groups:
             g = None if sync else self._native_total(idx)

@@ -414,8 +414,9 @@ class _NativePenalty(torch.autograd.Function):
         if scale is None:
             grad = grad.view(-1, *[1] * (dzh.dim() - 1))
         if scale is None or float(grad) != 1.0:
-            for d in {id(dzh): dzh, id(dzl): dzl}.values():
-                d.mul_(grad)
+            dzh.mul_(grad)
+            if dzl is not dzh:
+                dzl.mul_(grad)
         return dzh, (dzl if zl is not None else None), None, None, None, None
 
 

@@ -197,7 +197,7 @@ def separation_penalty(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, r
     total = None if scale is None else zh.new_empty(())
     dzh = torch.empty_like(zh) if grad else None
     dzl = dzh if zl is zh or not grad else torch.empty_like(zl)
-    fn = _functions()[zh.dtype]
+    fn = _kernel("sep_penalty", zh.dtype)
     if fn(zh.data_ptr(), zl.data_ptr(), n, P, U, _ptr(real_units), coef_u.data_ptr(), coef_p.data_ptr(),
           rho, margin, AGGREGATIONS[aggregation], int(first), out.data_ptr(), 1.0 if scale is None else scale,
           _ptr(total), _ptr(dzh), _ptr(dzl)):
@@ -209,27 +209,29 @@ def linked_relu_rows(z: Tensor, rows: int, length: int, out: Tensor) -> None:
     """``out`` ← the mirror-linked ReLU of ``z``: each of ``rows`` rows of ``length`` elements
     of ``z`` (in memory order) becomes ``relu(z)`` then ``relu(-z)``, two rows of ``out``. CPU
     float32/float64 tensors laid out so in memory (the caller checks)."""
-    getattr(_loaded(), f"linked_relu_forward_{_SUFFIX[z.dtype]}")(z.data_ptr(), rows, length, out.data_ptr())
+    _kernel("linked_relu_forward", z.dtype)(z.data_ptr(), rows, length, out.data_ptr())
 
 
 def linked_relu_rows_grad(grad: Tensor, out: Tensor, rows: int, length: int, dz: Tensor) -> None:
     """``dz`` ← the gradient of :func:`linked_relu_rows` for the output gradient ``grad`` (laid
     out as ``out``), read from its output: ``g_pos·[out_pos > 0] − g_neg·[out_neg > 0]``."""
-    getattr(_loaded(), f"linked_relu_backward_{_SUFFIX[out.dtype]}")(grad.data_ptr(), out.data_ptr(), rows, length,
-                                                                     dz.data_ptr())
+    _kernel("linked_relu_backward", out.dtype)(grad.data_ptr(), out.data_ptr(), rows, length, dz.data_ptr())
 
 
 _kernels: tuple = (None, {})
 
 
-def _functions() -> dict:
-    """The penalty kernel by dtype, looked up once per loaded library (every call counts on a
-    thin net)."""
+def _kernel(name: str, dtype: torch.dtype):
+    """The kernel ``name`` for ``dtype``, looked up once per loaded library (every call counts
+    on a thin net)."""
     global _kernels
     lib = _loaded()
     if _kernels[0] is not lib:
-        _kernels = lib, {dtype: getattr(lib, f"sep_penalty_{sfx}") for dtype, sfx in _SUFFIX.items()}
-    return _kernels[1]
+        _kernels = lib, {}
+    found = _kernels[1].get((name, dtype))
+    if found is None:
+        found = _kernels[1][name, dtype] = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
+    return found
 
 
 class DenseStack:
