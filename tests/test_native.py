@@ -1,5 +1,6 @@
 """The native separation kernel (alive.native): the same values and gradients as the PyTorch
 path, its use by the constraint and the grid engine, and its build, cache and fallback."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -348,3 +349,101 @@ def test_the_build_is_cached_per_source_and_reused(tmp_path):
     done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
     assert "available True" in done.stdout
     assert list((tmp_path / "native").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,length", [(3, 12347), (20011, 5), (1, 70001)])
+def test_the_linked_relu_kernel_gives_the_same_bits_in_any_number_of_parts(dtype, rows, length):
+    # parts of a whole number of 64-byte lines, cut across rows: every element once, in its place
+    z = torch.randn(rows, length, dtype=dtype)
+    z.view(-1)[::7] = 0.0
+    want = torch.cat((torch.relu(z), torch.relu(-z)), 1)
+    g = torch.randn(rows, 2 * length, dtype=dtype)
+    want_dz = torch.ops.aten.threshold_backward(g[:, :length], want[:, :length], 0) - \
+        torch.ops.aten.threshold_backward(g[:, length:], want[:, length:], 0)
+    forward, backward = native._kernel("linked_relu_forward", dtype), native._kernel("linked_relu_backward", dtype)
+    for threads in (1, 2, 3, 5):
+        out, dz = torch.full_like(want, 9.0), torch.full_like(z, 9.0)
+        forward(z.data_ptr(), rows, length, out.data_ptr(), threads)
+        backward(g.data_ptr(), out.data_ptr(), rows, length, dz.data_ptr(), threads)
+        assert torch.equal(out, want) and torch.equal(dz, want_dz), threads
+
+
+SHARED_POOL = PROBE + """
+maps = {line.rsplit("/", 1)[-1].strip() for line in open("/proc/self/maps") if "/libgomp" in line}
+print("gomp", sorted(maps), "openmp", native._shares_pytorch_openmp())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_kernels_share_pytorchs_openmp_runtime_and_build_serially_where_openmp_fails(tmp_path):
+    done = run_python(SHARED_POOL, ALIVE_CACHE=str(tmp_path / "a"), ALIVE_NATIVE="1")
+    assert "available True" in done.stdout, done.stderr
+    if "openmp True" not in done.stdout:
+        pytest.skip("PyTorch does not run on a libgomp.so.1 here: the kernels are serial")
+    assert "gomp ['libgomp.so.1']" in done.stdout  # one runtime, one pool: PyTorch's
+    (built,) = (tmp_path / "a" / "native").iterdir()
+    assert b"GOMP_parallel" in built.read_bytes()
+    # a compiler without OpenMP: the serial library, and the next process does not try again
+    log = tmp_path / "calls"
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text(f'#!/bin/sh\necho "$@" >> {log}\ncase "$*" in *-fopenmp*) echo "no openmp" >&2; exit 1;; esac\n'
+                  f'exec cc "$@"\n')
+    cc.chmod(0o755)
+    for _ in range(2):
+        done = run_python(SHARED_POOL, CC=str(cc), ALIVE_CACHE=str(tmp_path / "b"), ALIVE_NATIVE="1")
+        assert "available True" in done.stdout and "not available" not in done.stderr, done.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and "-fopenmp" in calls[0] and "-fopenmp" not in calls[1]
+    (failed,), (serial,) = ([p for p in (tmp_path / "b" / "native").iterdir() if p.suffix == s] for s in (".failed", ".so"))
+    assert "no openmp" in failed.read_text() and b"GOMP_parallel" not in serial.read_bytes()
+
+
+def _maps(kind, dtype):
+    torch.manual_seed(11)
+    if kind == "conv1d":
+        z = torch.randn(6, 5, 9, dtype=dtype)
+    elif kind == "stacked":  # (nets, points, units, H, W)
+        return (torch.randn(2, 6, 3, 4, 5, dtype=dtype) * 2).round()
+    elif kind == "stacked view":  # the same from (points, nets·units, H, W): nets and points make no one stride
+        return (torch.randn(6, 2 * 3, 4, 5, dtype=dtype) * 2).round().view(6, 2, 3, 4, 5).transpose(0, 1)
+    else:
+        z = (torch.randn(7, 3, 5, 4, dtype=dtype) * 2).round()  # ties over positions
+        z[1, 2] = 0.0  # a whole row tied
+        z[3, 1, 2, 2] = float("nan")
+        if kind == "channels-last":
+            z = z.contiguous(memory_format=torch.channels_last)
+        elif kind == "strided":  # positions one stride of 2 apart
+            z = torch.cat((z, z), 3)[..., ::2]
+        elif kind == "cropped":  # positions that make no single stride: the PyTorch path
+            z = torch.cat((z, z), 3)[..., :4]
+    return z
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["contiguous", "channels-last", "conv1d", "stacked", "stacked view", "strided", "cropped"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_position_extremes_and_their_gradient_equal_the_pytorch_path_bit_for_bit(dtype, kind, sparse):
+    from alive.functional import _PositionExtremes, _native_maps
+
+    z = _maps(kind, dtype)
+    layers = not kind.startswith("stacked")
+    zs = [z, z * -0.5] if layers else [z]
+    assert (_native_maps(z, 2 if layers else 3) is None) == (kind in ("cropped", "stacked view"))
+    runs = []
+    for kernel in (True, False):
+        ts = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_(True) for t in zs]
+        with contextlib.nullcontext() if kernel else native.disabled():
+            hi, lo = _PositionExtremes.apply(layers, sparse, *ts)
+            gh, gl = torch.zeros_like(hi), torch.zeros_like(lo)
+            gh.view(-1)[::3], gl.view(-1)[1::4] = 0.5, -1.5  # a gradient at some rows, as active hinges give
+            grads = torch.autograd.grad((hi, lo), ts, (gh, gl))
+        runs.append((hi, lo, [g.to_dense() if g.is_sparse else g for g in grads], [g.is_sparse for g in grads]))
+    (ha, la, ga, sa), (hb, lb, gb, sb) = runs
+    same = lambda a, b: torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.isnan(), b.isnan())  # noqa: E731
+    assert same(ha, hb) and same(la, lb) and sa == sb == [sparse] * len(zs)
+    assert all(same(a, b) for a, b in zip(ga, gb)) and all(a.abs().nan_to_num(0).sum() > 0 for a in ga)
+    if kind in ("contiguous", "channels-last", "strided", "cropped"):
+        assert ha.isnan().sum() == 2 and ga[0][3, 1].isnan().all() == bool(gh[0, 3, 1] or gl[0, 3, 1])

@@ -192,15 +192,23 @@ class _PositionExtremes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layers: bool, sparse: bool, *zs: Tensor):
         lead = 2 if layers else 3
+        ctx.save_for_backward(*zs)
+        ctx.layers = layers
+        ctx.sparse = sparse and zs[0].device.type == "cpu"
+        views = [_native_maps(z, lead) for z in zs]
+        if all(v is not None and z.shape == zs[0].shape for v, z in zip(views, zs)):
+            shape = ((len(zs),) if layers else ()) + zs[0].shape[:lead]
+            hi, lo = zs[0].new_empty(shape), zs[0].new_empty(shape)
+            rows_h, rows_l = hi.view(len(zs), -1, zs[0].shape[lead - 1]), lo.view(len(zs), -1, zs[0].shape[lead - 1])
+            for v, h, l in zip(views, rows_h, rows_l):
+                native.position_extremes(v, h, l)
+            return hi, lo
         his, los = [], []
         for z in zs:  # any memory layout (channels_last too)
             src = _positions_innermost(z, lead)
             positions = tuple(range(lead, z.dim()))
             his.append(src.amax(positions))  # (torch.aminmax is ~10x slower on a CPU)
             los.append(src.amin(positions))
-        ctx.save_for_backward(*zs)
-        ctx.layers = layers
-        ctx.sparse = sparse and zs[0].device.type == "cpu"
         return (torch.stack(his), torch.stack(los)) if layers else (his[0], los[0])
 
     @staticmethod
@@ -314,6 +322,37 @@ def _without_padded_units(hs: Tensor, ls: Tensor, padded: Tensor | None) -> tupl
     return hs - padded, ls + padded
 
 
+def _native_maps(z: Tensor, lead: int) -> Tensor | None:
+    """``z`` (``(*lead dims, *positions)``) as the ``(rows, channels, positions)`` view that the
+    native position kernels of :mod:`alive.native` read, or ``None`` where they do not apply."""
+    if (type(z) is not Tensor or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64)
+            or z.dim() <= lead or not z.numel() or torch.compiler.is_compiling() or not native.available()):
+        return None
+    try:  # (contiguous and channels-last maps: any layout whose positions make one stride)
+        return z.view(-1, z.shape[lead - 1], math.prod(z.shape[lead:]))
+    except RuntimeError:
+        return None
+
+
+def _native_spread_rows(z: Tensor, g_hi: Tensor, g_lo: Tensor):
+    """``(index, values)`` of the gradient of the extremes over positions at the (point, unit)
+    rows where ``g_hi`` or ``g_lo`` is non-zero, maxima's rows first (``index``: the rows' lead
+    indices; ``values``: ``(rows, *positions)``, or ``None`` for no row), by the native kernel;
+    ``None`` where it does not apply (a double backward differentiates the built-ins)."""
+    v = None if torch.is_grad_enabled() else _native_maps(z, g_hi.dim())
+    if v is None:
+        return None
+    gh, gl = g_hi.reshape(-1), g_lo.reshape(-1)
+    rh, rl = gh.nonzero().squeeze(1), gl.nonzero().squeeze(1)
+    rows = torch.cat((rh, rl))
+    if not rows.numel():
+        return (), None
+    g = torch.cat((gh[rh], gl[rl])).to(z.dtype)
+    values = z.new_empty(rows.numel(), v.shape[2])
+    native.position_spread(v, rows, g, rh.numel(), values)
+    return torch.unravel_index(rows, g_hi.shape), values.view(-1, *z.shape[g_hi.dim():])
+
+
 def _spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor:
     """Gradient of ``z.amax(positions)`` and ``z.amin(positions)`` (``g_hi``, ``g_lo`` have the
     shape of the leading dimensions); ties among positions share it. On a CPU only the
@@ -322,6 +361,10 @@ def _spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor:
     positions = tuple(range(lead, z.dim()))
     # same layout as z and not a view: autograd adds the activation's gradient into it in place
     out = torch.zeros_like(z)
+    rows = _native_spread_rows(z, g_hi, g_lo)
+    if rows is not None:
+        index, values = rows
+        return out if values is None else out.index_put_(index, values, accumulate=True)
     for g, pick in ((g_hi, torch.amax), (g_lo, torch.amin)):
         if z.device.type == "cpu":
             rows = g.reshape(-1).nonzero().squeeze(1)
@@ -349,6 +392,11 @@ def _sparse_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor | None:
     tied extremes holding their share and the rest 0: listing the tied positions one by one
     (``nonzero``) cost 3x more than the whole row."""
     lead = g_hi.dim()
+    rows = _native_spread_rows(z, g_hi, g_lo)
+    if rows is not None:
+        index, values = rows
+        return None if values is None else torch.sparse_coo_tensor(
+            torch.stack(index), values, z.shape, is_coalesced=False, check_invariants=False)
     indices, values = [], []
     for g, pick in ((g_hi, torch.amax), (g_lo, torch.amin)):
         rows = g.reshape(-1).nonzero().squeeze(1)

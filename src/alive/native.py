@@ -8,6 +8,9 @@ operations on them cost far more in per-operation latency than in arithmetic (a 
 * ``separation_body.h``: the penalty of a stack of layers, and its gradient, in one pass per
   layer; :mod:`alive.functional` uses it for CPU float32/float64 tensors and falls back to its
   PyTorch operations wherever it does not apply;
+* ``position_extremes.h``: the max and min of feature maps over their positions in one pass,
+  and their gradient at the rows that have one (:func:`position_extremes`,
+  :func:`position_spread`), for :class:`alive.functional._PositionExtremes` on CPU tensors;
 * ``linked_relu.h``: the mirror-linked ReLU, one pass each way (:func:`linked_relu_rows`),
   which :func:`alive.functional.linked_relu` uses for large CPU tensors;
 * ``dense_stack.h`` (:class:`DenseStack`): the forward and backward pass of a whole stack of
@@ -16,7 +19,10 @@ operations on them cost far more in per-operation latency than in arithmetic (a 
   PyTorch's per-call costs and the padding to the widest network the bulk of the time.
 
 On x86-64 Linux with GCC the hot loops are also compiled for AVX2 + FMA, chosen at load time
-where the CPU has them. The library is built once per source version into a per-user cache.
+where the CPU has them. Where PyTorch runs on GNU OpenMP (Linux wheels) the library is built
+with ``-fopenmp`` and so shares PyTorch's thread pool: large tensors (the linked ReLU, feature
+maps) are split among ``torch.get_num_threads()`` threads; elsewhere the kernels are serial.
+The library is built once per source version into a per-user cache.
 
 Environment:
 
@@ -48,13 +54,14 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "disabled", "library", "separation_penalty", "linked_relu_rows", "linked_relu_rows_grad",
-           "DenseStack", "AGGREGATIONS"]
+           "position_extremes", "position_spread", "DenseStack", "AGGREGATIONS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "separation.c"
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 LIBS = ("-lm",)
+OPENMP = ("-fopenmp",)
 AGGREGATIONS = {"paper": 0, "squared_sum": 1, "mean": 2}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -77,21 +84,36 @@ def _off_by_environment() -> bool:
     return value in ("0", "false", "off", "no")
 
 
-def _target(compiler: list[str]) -> Path:
-    """Where the library for these sources, this compiler and this machine is cached."""
+def _shares_pytorch_openmp() -> bool:
+    """Whether a library built with ``-fopenmp`` would share PyTorch's OpenMP thread pool: on
+    Linux, where PyTorch's parallel backend is OpenMP and the GNU runtime it loaded answers to
+    the name ``libgomp.so.1`` the library asks for (a wheel with a renamed copy, or another
+    runtime, would give a second pool competing for the cores: the kernels then stay serial)."""
+    if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    loaded = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/libgomp" in line}
+    return bool(loaded) and all(name.startswith("libgomp.so.1") for name in loaded)
+
+
+def _target(compiler: list[str], flags: tuple[str, ...] = FLAGS) -> Path:
+    """Where the library for these sources, this compiler and flags and this machine is cached."""
     sources = [f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".c", ".h")]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(compiler + list(FLAGS) + list(LIBS)).encode(),
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(compiler + list(flags) + list(LIBS)).encode(),
                                      platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
     return _cache_dir() / f"separation-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
 
 
-def _build(compiler: list[str], target: Path) -> None:
+def _build(compiler: list[str], target: Path, flags: tuple[str, ...] = FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # a private name, then an atomic rename: worker processes may build at the same time
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".separation-", suffix=target.suffix)
     os.close(fd)
     try:
-        done = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
+        done = subprocess.run([*compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
                               errors="replace", timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-2000:]}")
@@ -104,14 +126,34 @@ def _build(compiler: list[str], target: Path) -> None:
 
 
 def _load(compiler: list[str]) -> ctypes.CDLL:
-    """The cached library, built first if missing; one that does not load is built again."""
-    target = _target(compiler)
+    """The cached library, built first if missing; one that does not load is built again.
+    With OpenMP where it shares PyTorch's pool (:func:`_shares_pytorch_openmp`) and the
+    compiler can: a failed OpenMP build is remembered beside the library, and the serial one
+    is used."""
+    failed, why = None, None
+    if _shares_pytorch_openmp():
+        target = _target(compiler, FLAGS + OPENMP)
+        failed = target.with_suffix(".failed")
+        if not failed.exists():
+            try:
+                return _open(compiler, target, FLAGS + OPENMP)
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
+                why = err
+    lib = _open(compiler, _target(compiler), FLAGS)
+    if why is not None:  # (only OpenMP failed: the next process goes straight to the serial one)
+        log.info("alive: the native kernels are built without OpenMP (%s)", why)
+        with contextlib.suppress(OSError):
+            failed.write_text(f"{why}\n")
+    return lib
+
+
+def _open(compiler: list[str], target: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
     if target.exists():
         try:
             return _bind(ctypes.CDLL(str(target)))
         except (OSError, AttributeError):  # a damaged file (e.g. a copy cut short): replace it
             target.unlink(missing_ok=True)
-    _build(compiler, target)
+    _build(compiler, target, flags)
     return _bind(ctypes.CDLL(str(target)))
 
 
@@ -122,8 +164,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.argtypes = [p, p, i64, i64, i64, p, p, p, f64, f64, i32, i32, p, f64, p, p, p]
         fn.restype = i32
         fwd, bwd = getattr(lib, f"linked_relu_forward_{sfx}"), getattr(lib, f"linked_relu_backward_{sfx}")
-        fwd.argtypes, bwd.argtypes = [p, i64, i64, p], [p, p, i64, i64, p]
+        fwd.argtypes, bwd.argtypes = [p, i64, i64, p, i32], [p, p, i64, i64, p, i32]
         fwd.restype = bwd.restype = i32
+        ext, spread = getattr(lib, f"position_extremes_{sfx}"), getattr(lib, f"position_spread_{sfx}")
+        ext.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, i32]
+        spread.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, i32]
+        ext.restype = spread.restype = i32
     fwd, bwd = lib.stack_forward_f32, lib.stack_backward_f32
     shape = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, i64, i64]
     fwd.argtypes = shape + [p, p, f64, f64, p, p, f64, f64, i32, i32, p, p, p, p, p]
@@ -208,14 +254,43 @@ def separation_penalty(zh: Tensor, zl: Tensor, coef_u: Tensor, coef_p: Tensor, r
 def linked_relu_rows(z: Tensor, rows: int, length: int, out: Tensor) -> None:
     """``out`` ← the mirror-linked ReLU of ``z``: each of ``rows`` rows of ``length`` elements
     of ``z`` (in memory order) becomes ``relu(z)`` then ``relu(-z)``, two rows of ``out``. CPU
-    float32/float64 tensors laid out so in memory (the caller checks)."""
-    _kernel("linked_relu_forward", z.dtype)(z.data_ptr(), rows, length, out.data_ptr())
+    float32/float64 tensors laid out so in memory (the caller checks). Large tensors are split
+    among ``torch.get_num_threads()`` threads of PyTorch's pool where the library shares it."""
+    _kernel("linked_relu_forward", z.dtype)(z.data_ptr(), rows, length, out.data_ptr(), _threads(rows * length))
 
 
 def linked_relu_rows_grad(grad: Tensor, out: Tensor, rows: int, length: int, dz: Tensor) -> None:
     """``dz`` ← the gradient of :func:`linked_relu_rows` for the output gradient ``grad`` (laid
     out as ``out``), read from its output: ``g_pos·[out_pos > 0] − g_neg·[out_neg > 0]``."""
-    _kernel("linked_relu_backward", out.dtype)(grad.data_ptr(), out.data_ptr(), rows, length, dz.data_ptr())
+    _kernel("linked_relu_backward", out.dtype)(grad.data_ptr(), out.data_ptr(), rows, length, dz.data_ptr(),
+                                               _threads(rows * length))
+
+
+def position_extremes(z: Tensor, hi: Tensor, lo: Tensor) -> None:
+    """``hi``, ``lo`` (``(N, C)``, contiguous) ← the max and min over the positions of each row
+    and channel of ``z``, a ``(N, C, S)`` view of feature maps whose positions (stride 1) or
+    channels (stride 1, channels-last) are contiguous (the caller checks); NaN where one is."""
+    n, c, s = z.shape
+    _kernel("position_extremes", z.dtype)(z.data_ptr(), n, c, s, *z.stride(), hi.data_ptr(), lo.data_ptr(),
+                                          _threads(z.numel()))
+
+
+def position_spread(z: Tensor, rows: Tensor, g: Tensor, maxima: int, out: Tensor) -> None:
+    """``out`` (``(k, S)``, contiguous) ← the gradient of :func:`position_extremes` at ``k``
+    rows of ``z`` (``(N, C, S)`` as there; ``rows``: int64 ``n·C + c``, the first ``maxima`` of
+    them maxima, the rest minima; ``g``: their upstream gradients, ``z``'s dtype): ``g`` shared
+    equally among the positions that hold the row's extreme."""
+    _, c, s = z.shape
+    k = rows.numel()
+    _kernel("position_spread", z.dtype)(z.data_ptr(), c, s, *z.stride(), rows.data_ptr(), g.data_ptr(), maxima, k,
+                                        out.data_ptr(), _threads(k * s))
+
+
+GRAIN = 32768  # elements per thread below which one thread does it all (PyTorch's own grain size)
+
+
+def _threads(elements: int) -> int:
+    return torch.get_num_threads() if elements >= 2 * GRAIN else 1
 
 
 _kernels: tuple = (None, {})

@@ -4,52 +4,63 @@
  * tensor whose dimension `dim` and those after it make one row in memory (a contiguous tensor,
  * or channels-last with dim 1). PyTorch's three passes forward (two thresholds and a negation)
  * and three backward (two threshold_backward, a subtraction) each read and write whole tensors;
- * here every element is read once and written once. NaNs pass as PyTorch's relu passes them. */
+ * here every element is read once and written once. NaNs pass as PyTorch's relu passes them.
+ * Large tensors are split among `threads` threads of PyTorch's own OpenMP pool (see
+ * separation.c): PyTorch's passes use both cores' memory bandwidth, and a single thread
+ * writing 2x the input into freshly allocated memory lost to them. */
 
-HOT static void F(linked_rows)(const T *restrict z, int64_t rows, int64_t len, T *restrict out)
+/* elements [start, end) of the input, in memory order, and their two output elements each */
+HOT static void F(linked_span)(const T *restrict z, int64_t len, int64_t start, int64_t end, T *restrict out)
 {
-    for (int64_t r = 0; r < rows; r++) {
-        const T *restrict s = z + r * len;
-        T *restrict p = out + 2 * r * len, *restrict n = p + len;
-        for (int64_t i = 0; i < len; i++) {
+    while (start < end) {
+        int64_t r = start / len, c = start - r * len, stop = (r + 1) * len < end ? (r + 1) * len : end;
+        const T *restrict s = z + start;
+        T *restrict p = out + 2 * r * len + c, *restrict n = p + len;
+        for (int64_t i = 0; i < stop - start; i++) {
             T v = s[i];
             p[i] = v < 0 ? 0 : v;
             n[i] = v > 0 ? 0 : -v;
         }
+        start = stop;
     }
 }
 
 /* dz = g_pos·[out_pos > 0] − g_neg·[out_neg > 0], threshold_backward's convention (a NaN output
- * passes its gradient), in the same rows as the forward pass */
-HOT static void F(linked_rows_grad)(const T *restrict g, const T *restrict out, int64_t rows, int64_t len,
-                                    T *restrict dz)
+ * passes its gradient), for the same elements as F(linked_span) */
+HOT static void F(linked_span_grad)(const T *restrict g, const T *restrict out, int64_t len, int64_t start,
+                                    int64_t end, T *restrict dz)
 {
     VT zero = (VT){0};
-    for (int64_t r = 0; r < rows; r++) {
-        const T *gp = g + 2 * r * len, *gn = gp + len, *op = out + 2 * r * len, *on = op + len;
-        T *d = dz + r * len;
+    while (start < end) {
+        int64_t r = start / len, c = start - r * len, stop = (r + 1) * len < end ? (r + 1) * len : end;
+        int64_t m = stop - start, off = 2 * r * len + c;
+        const T *gp = g + off, *gn = gp + len, *op = out + off, *on = op + len;
+        T *d = dz + start;
         int64_t i = 0;
-        for (; i + VL <= len; i += VL) {  /* (masks, not selections: the compiler keeps branches there) */
+        for (; i + VL <= m; i += VL) {  /* (masks, not selections: the compiler keeps branches there) */
             VT a = *(const VU *)(gp + i), b = *(const VU *)(gn + i);
             VT pa = (VT)(~(VI)(*(const VU *)(op + i) <= zero) & (VI)a);
             VT nb = (VT)(~(VI)(*(const VU *)(on + i) <= zero) & (VI)b);
             *(VU *)(d + i) = pa - nb;
         }
-        for (; i < len; i++) {
+        for (; i < m; i++) {
             T a = gp[i], b = gn[i];
             d[i] = (op[i] <= 0 ? (T)0 : a) - (on[i] <= 0 ? (T)0 : b);
         }
+        start = stop;
     }
 }
 
-int F(linked_relu_forward)(const T *z, int64_t rows, int64_t len, T *out)
+int F(linked_relu_forward)(const T *z, int64_t rows, int64_t len, T *out, int threads)
 {
-    F(linked_rows)(z, rows, len, out);
+    int64_t total = rows * len;
+    IN_PARTS(threads, total, 16, lo, hi, F(linked_span)(z, len, lo, hi, out));
     return 0;
 }
 
-int F(linked_relu_backward)(const T *g, const T *out, int64_t rows, int64_t len, T *dz)
+int F(linked_relu_backward)(const T *g, const T *out, int64_t rows, int64_t len, T *dz, int threads)
 {
-    F(linked_rows_grad)(g, out, rows, len, dz);
+    int64_t total = rows * len;
+    IN_PARTS(threads, total, 16, lo, hi, F(linked_span_grad)(g, out, len, lo, hi, dz));
     return 0;
 }

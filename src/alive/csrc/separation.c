@@ -1,7 +1,8 @@
 /* Native CPU kernels of alive (built and loaded by alive/native.py, which documents them):
  * the separation penalty of stacked dense pre-activations in one pass per network (here and in
- * separation_body.h), the mirror-linked ReLU (linked_relu.h), and the grid engine's dense ReLU
- * stacks (dense_stack.h).
+ * separation_body.h), the extremes of feature maps over their positions and their gradient
+ * (position_extremes.h), the mirror-linked ReLU (linked_relu.h), and the grid engine's dense
+ * ReLU stacks (dense_stack.h).
  *
  * The penalty: the PyTorch functions of alive/functional.py compute the same values and are
  * the reference in the tests. A layer
@@ -96,6 +97,29 @@ static void release(void *p)
 }
 #endif
 
+/* Run the body (the arguments after HI) over [LO, HI) = parts of [0, TOTAL) on up to THREADS threads, each part a whole
+ * number of ALIGN items (64-byte lines of elements, or whole rows): built with -fopenmp
+ * (alive/native.py does so only where PyTorch's own OpenMP runtime, libgomp, is loaded: the
+ * library then shares PyTorch's thread pool, whose workers are already awake after PyTorch's
+ * operations, instead of starting a second one that competes with them for the cores);
+ * otherwise, or inside a parallel region, in one part. */
+#ifdef _OPENMP
+#include <omp.h>
+#define IN_PARTS(THREADS, TOTAL, ALIGN, LO, HI, ...) do { \
+    int64_t total_ = (TOTAL), align_ = (ALIGN); int threads_ = (THREADS); \
+    if (threads_ > 1 && !omp_in_parallel()) { \
+        _Pragma("omp parallel num_threads(threads_)") { \
+            int64_t n_ = omp_get_num_threads(), t_ = omp_get_thread_num(); \
+            int64_t LO = total_ * t_ / n_ / align_ * align_; \
+            int64_t HI = t_ + 1 == n_ ? total_ : total_ * (t_ + 1) / n_ / align_ * align_; \
+            __VA_ARGS__; \
+        } \
+    } else { int64_t LO = 0, HI = total_; __VA_ARGS__; } } while (0)
+#else
+#define IN_PARTS(THREADS, TOTAL, ALIGN, LO, HI, ...) do { \
+    (void)(THREADS); (void)(ALIGN); int64_t LO = 0, HI = (TOTAL); __VA_ARGS__; } while (0)
+#endif
+
 /* 32-byte vectors (GCC's vector extensions): 8 floats or 4 doubles, the integer vectors
  * their comparisons give, and unaligned loads of T arrays */
 typedef float v8f __attribute__((vector_size(32)));
@@ -117,6 +141,7 @@ typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
 #define VL 8
 #include "separation_body.h"
 #include "linked_relu.h"
+#include "position_extremes.h"
 #undef T
 #undef F
 #undef VT
@@ -132,6 +157,7 @@ typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
 #define VL 4
 #include "separation_body.h"
 #include "linked_relu.h"
+#include "position_extremes.h"
 #undef T
 #undef F
 #undef VT

@@ -1,0 +1,113 @@
+/* The extremes of feature maps over their positions, and their gradient, for one element type
+ * T (names suffixed by F(name)): alive.functional._PositionExtremes, the first reduction of the
+ * "channel" separation terms (a unit is a channel). A map is read as (N, C, S): N rows of C
+ * channels of S positions, element (n, c, s) at z[n·sn + c·sc + s·sp], with the positions
+ * contiguous (sp = 1: NCHW) or the channels (sc = 1: channels-last). PyTorch takes one pass
+ * for the max and another for the min (torch.aminmax is slower still); its backward gathers
+ * the rows whose extremes have a gradient, then compares, counts and scales them in five
+ * operations more. A NaN makes its extremes NaN, as torch.amax / amin. */
+
+/* the max (*h) and min (*l) of n elements a stride apart; NaN if one is */
+HOT static void F(row_extremes)(const T *restrict a, int64_t n, int64_t stride, T *h, T *l)
+{
+    T hs = a[0], ls = a[0];
+    int64_t i = 0;
+    int nan = 0;
+    if (stride == 1 && n >= VL) {
+        VT hi = *(const VU *)a, lo = hi;
+        VI bad = hi != hi;
+        for (i = VL; i + VL <= n; i += VL) {
+            VT x = *(const VU *)(a + i);
+            VI up = x > hi, down = x < lo;
+            hi = (VT)((up & (VI)x) | (~up & (VI)hi));
+            lo = (VT)((down & (VI)x) | (~down & (VI)lo));
+            bad |= x != x;
+        }
+        hs = hi[0], ls = lo[0];
+        for (int j = 1; j < VL; j++) { hs = hi[j] > hs ? hi[j] : hs; ls = lo[j] < ls ? lo[j] : ls; }
+        for (int j = 0; j < VL; j++) nan |= bad[j] != 0;
+    }
+    for (; i < n; i++) {
+        T x = a[i * stride];
+        hs = x > hs ? x : hs;
+        ls = x < ls ? x : ls;
+        nan |= x != x;
+    }
+    if (nan) {  /* (comparisons skip NaNs: put the first one back) */
+        int64_t k = F(first_nan)(a, stride, n);
+        hs = ls = a[k * stride];
+    }
+    *h = hs;
+    *l = ls;
+}
+
+/* channels-last rows n in [n0, n1): every position's C channels at once, the channels' running
+ * extremes in hi / lo (the rows' C outputs) */
+HOT static void F(channel_extremes)(const T *restrict z, int64_t n0, int64_t n1, int64_t C, int64_t S, int64_t sn,
+                                    int64_t sp, T *restrict hi, T *restrict lo)
+{
+    for (int64_t n = n0; n < n1; n++) {
+        const T *restrict r = z + n * sn;
+        T *restrict h = hi + n * C, *restrict l = lo + n * C;
+        int nan = 0;
+        for (int64_t c = 0; c < C; c++) { h[c] = l[c] = r[c]; nan |= r[c] != r[c]; }
+        for (int64_t s = 1; s < S; s++) {
+            const T *restrict x = r + s * sp;
+            for (int64_t c = 0; c < C; c++) {
+                h[c] = x[c] > h[c] ? x[c] : h[c];
+                l[c] = x[c] < l[c] ? x[c] : l[c];
+                nan |= x[c] != x[c];
+            }
+        }
+        if (nan)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t k = F(first_nan)(r + c, sp, S);
+                if (k >= 0) h[c] = l[c] = r[c + k * sp];
+            }
+    }
+}
+
+/* hi, lo (N, C) contiguous <- the max and min over the positions of each (n, c) */
+int F(position_extremes)(const T *z, int64_t N, int64_t C, int64_t S, int64_t sn, int64_t sc, int64_t sp,
+                         T *hi, T *lo, int threads)
+{
+    if (sp == 1 || sc != 1)
+        IN_PARTS(threads, N * C, 1, r0, r1,
+                 for (int64_t r = r0; r < r1; r++) {
+                     int64_t n = r / C, c = r - n * C;
+                     F(row_extremes)(z + n * sn + c * sc, S, sp, hi + r, lo + r);
+                 });
+    else
+        IN_PARTS(threads, N, 1, n0, n1, F(channel_extremes)(z, n0, n1, C, S, sn, sp, hi, lo));
+    return 0;
+}
+
+/* The gradient of the extremes over positions at k rows (row = n·C + c): rows[0..nh) of the
+ * maxima, rows[nh..k) of the minima, each with its upstream gradient g. Row i of out (k, S)
+ * gets g_i shared equally among the positions that hold the row's extreme and 0 elsewhere:
+ * (z == e) · (g_i / count), which is NaN throughout for a row holding a NaN, as PyTorch's
+ * (tied · share) is. */
+HOT static void F(spread_rows)(const T *restrict z, int64_t C, int64_t S, int64_t sn, int64_t sc, int64_t sp,
+                               const int64_t *restrict rows, const T *restrict g, int64_t nh, int64_t i0, int64_t i1,
+                               T *restrict out)
+{
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t n = rows[i] / C, c = rows[i] - n * C;
+        const T *restrict a = z + n * sn + c * sc;
+        T *restrict o = out + i * S;
+        T h, l;
+        F(row_extremes)(a, S, sp, &h, &l);
+        T e = i < nh ? h : l;
+        int64_t count = 0;
+        for (int64_t s = 0; s < S; s++) count += a[s * sp] == e;
+        T share = g[i] / (T)(float)count;  /* (counted in float32 by the PyTorch path) */
+        for (int64_t s = 0; s < S; s++) o[s] = (a[s * sp] == e ? (T)1 : (T)0) * share;
+    }
+}
+
+int F(position_spread)(const T *z, int64_t C, int64_t S, int64_t sn, int64_t sc, int64_t sp, const int64_t *rows,
+                       const T *g, int64_t nh, int64_t k, T *out, int threads)
+{
+    IN_PARTS(threads, k, 1, i0, i1, F(spread_rows)(z, C, S, sn, sc, sp, rows, g, nh, i0, i1, out));
+    return 0;
+}
