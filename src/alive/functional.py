@@ -52,7 +52,7 @@ class _LinkedReLU(torch.autograd.Function):
     Backward reads only the output (which the next layer keeps for its own backward anyway,
     so linking costs no extra activation memory): ``dz = g_pos·[out_pos > 0] - g_neg·[out_neg > 0]``.
     On a CPU (float32/float64, contiguous or channels-last) the native kernel of
-    :mod:`alive.native` does each way in one pass; elsewhere one pass per half (each half
+    :mod:`alive.native` does each way in one pass (on PyTorch's threads); elsewhere one pass per half (each half
     thresholded on its own, so that no ``2·C`` intermediate is allocated) and a subtraction.
     At ``z == 0`` both members have PyTorch's ReLU derivative 0, exactly as the naive composition.
     """
@@ -336,21 +336,17 @@ def _native_maps(z: Tensor, lead: int) -> Tensor | None:
 
 def _native_spread_rows(z: Tensor, g_hi: Tensor, g_lo: Tensor):
     """``(index, values)`` of the gradient of the extremes over positions at the (point, unit)
-    rows where ``g_hi`` or ``g_lo`` is non-zero, maxima's rows first (``index``: the rows' lead
-    indices; ``values``: ``(rows, *positions)``, or ``None`` for no row), by the native kernel;
-    ``None`` where it does not apply (a double backward differentiates the built-ins)."""
-    v = None if torch.is_grad_enabled() else _native_maps(z, g_hi.dim())
+    rows where ``g_hi`` or ``g_lo`` is non-zero, maxima's rows first (``index``: ``(lead, rows)``,
+    the rows' indices in the lead dimensions; ``values``: ``(rows, *positions)``), by the native
+    kernel; ``None`` where it does not apply (a double backward differentiates the built-ins)."""
+    lead = g_hi.dim()
+    v = None if torch.is_grad_enabled() else _native_maps(z, lead)
     if v is None:
         return None
-    gh, gl = g_hi.reshape(-1), g_lo.reshape(-1)
-    rh, rl = gh.nonzero().squeeze(1), gl.nonzero().squeeze(1)
-    rows = torch.cat((rh, rl))
-    if not rows.numel():
-        return (), None
-    g = torch.cat((gh[rh], gl[rl])).to(z.dtype)
-    values = z.new_empty(rows.numel(), v.shape[2])
-    native.position_spread(v, rows, g, rh.numel(), values)
-    return torch.unravel_index(rows, g_hi.shape), values.view(-1, *z.shape[g_hi.dim():])
+    index, values = native.position_spread(v, g_hi.to(z.dtype).contiguous(), g_lo.to(z.dtype).contiguous())
+    if lead > 2:  # (rows of several lead dimensions: nets and points)
+        index = torch.stack((*torch.unravel_index(index[0], g_hi.shape[:-1]), index[1]))
+    return index, values.view(-1, *z.shape[lead:])
 
 
 def _spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor:
@@ -364,7 +360,7 @@ def _spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor:
     rows = _native_spread_rows(z, g_hi, g_lo)
     if rows is not None:
         index, values = rows
-        return out if values is None else out.index_put_(index, values, accumulate=True)
+        return out.index_put_(tuple(index), values, accumulate=True) if len(values) else out
     for g, pick in ((g_hi, torch.amax), (g_lo, torch.amin)):
         if z.device.type == "cpu":
             rows = g.reshape(-1).nonzero().squeeze(1)
@@ -395,8 +391,8 @@ def _sparse_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> Tensor | None:
     rows = _native_spread_rows(z, g_hi, g_lo)
     if rows is not None:
         index, values = rows
-        return None if values is None else torch.sparse_coo_tensor(
-            torch.stack(index), values, z.shape, is_coalesced=False, check_invariants=False)
+        return torch.sparse_coo_tensor(index, values, z.shape, is_coalesced=False,
+                                       check_invariants=False) if len(values) else None
     indices, values = [], []
     for g, pick in ((g_hi, torch.amax), (g_lo, torch.amin)):
         rows = g.reshape(-1).nonzero().squeeze(1)

@@ -168,8 +168,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fwd.restype = bwd.restype = i32
         ext, spread = getattr(lib, f"position_extremes_{sfx}"), getattr(lib, f"position_spread_{sfx}")
         ext.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, i32]
-        spread.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, i32]
+        spread.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i32]
         ext.restype = spread.restype = i32
+        count = getattr(lib, f"spread_count_{sfx}")
+        count.argtypes, count.restype = [p, p, i64], i64
     fwd, bwd = lib.stack_forward_f32, lib.stack_backward_f32
     shape = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, i64, i64]
     fwd.argtypes = shape + [p, p, f64, f64, p, p, f64, f64, i32, i32, p, p, p, p, p]
@@ -275,15 +277,20 @@ def position_extremes(z: Tensor, hi: Tensor, lo: Tensor) -> None:
                                           _threads(z.numel()))
 
 
-def position_spread(z: Tensor, rows: Tensor, g: Tensor, maxima: int, out: Tensor) -> None:
-    """``out`` (``(k, S)``, contiguous) ← the gradient of :func:`position_extremes` at ``k``
-    rows of ``z`` (``(N, C, S)`` as there; ``rows``: int64 ``n·C + c``, the first ``maxima`` of
-    them maxima, the rest minima; ``g``: their upstream gradients, ``z``'s dtype): ``g`` shared
-    equally among the positions that hold the row's extreme."""
-    _, c, s = z.shape
-    k = rows.numel()
-    _kernel("position_spread", z.dtype)(z.data_ptr(), c, s, *z.stride(), rows.data_ptr(), g.data_ptr(), maxima, k,
-                                        out.data_ptr(), _threads(k * s))
+def position_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient of :func:`position_extremes` at the rows where the upstream gradients
+    ``g_hi`` (of the maxima) or ``g_lo`` (minima), contiguous ``(N, C)`` of ``z``'s dtype, are
+    non-zero: ``(index, values)``, ``index`` int64 ``(2, k)`` the rows' ``n`` and ``c`` (the
+    maxima's rows first, each part in row order), ``values`` ``(k, S)`` the row's gradient shared
+    equally among the positions that hold its extreme."""
+    n, c, s = z.shape
+    k = _kernel("spread_count", z.dtype)(g_hi.data_ptr(), g_lo.data_ptr(), n * c)
+    index = torch.empty(2, k, dtype=torch.int64)
+    values = z.new_empty(k, s)
+    if k and _kernel("position_spread", z.dtype)(z.data_ptr(), n, c, s, *z.stride(), g_hi.data_ptr(), g_lo.data_ptr(),
+                                                 k, index.data_ptr(), values.data_ptr(), _threads(k * s)):
+        raise RuntimeError("position_spread: the gradients changed while it ran")
+    return index, values
 
 
 GRAIN = 32768  # elements per thread below which one thread does it all (PyTorch's own grain size)

@@ -82,32 +82,47 @@ int F(position_extremes)(const T *z, int64_t N, int64_t C, int64_t S, int64_t sn
     return 0;
 }
 
-/* The gradient of the extremes over positions at k rows (row = n·C + c): rows[0..nh) of the
- * maxima, rows[nh..k) of the minima, each with its upstream gradient g. Row i of out (k, S)
- * gets g_i shared equally among the positions that hold the row's extreme and 0 elsewhere:
- * (z == e) · (g_i / count), which is NaN throughout for a row holding a NaN, as PyTorch's
- * (tied · share) is. */
+/* The gradient of the extremes over positions at the k rows (n, c) whose upstream gradient
+ * is non-zero, found here: those of the maxima (gh, (N, C)) first, then those of the minima
+ * (gl), each in row order, as torch.nonzero lists them (a NaN is non-zero). index (2, k) gets
+ * each row's n and c; row i of out (k, S) gets its gradient shared equally among the positions
+ * that hold the row's extreme and 0 elsewhere: (z == e) · (g / count), which is NaN throughout
+ * for a row holding a NaN, as PyTorch's (tied · share) is. F(spread_count) gives k. */
+int64_t F(spread_count)(const T *gh, const T *gl, int64_t m)
+{
+    int64_t k = 0;
+    for (int64_t r = 0; r < m; r++) k += (gh[r] != 0) + (gl[r] != 0);
+    return k;
+}
+
 HOT static void F(spread_rows)(const T *restrict z, int64_t C, int64_t S, int64_t sn, int64_t sc, int64_t sp,
-                               const int64_t *restrict rows, const T *restrict g, int64_t nh, int64_t i0, int64_t i1,
-                               T *restrict out)
+                               const T *restrict gh, const T *restrict gl, const int64_t *restrict index, int64_t k,
+                               int64_t kh, int64_t i0, int64_t i1, T *restrict out)
 {
     for (int64_t i = i0; i < i1; i++) {
-        int64_t n = rows[i] / C, c = rows[i] - n * C;
+        int64_t n = index[i], c = index[k + i], r = n * C + c;
         const T *restrict a = z + n * sn + c * sc;
         T *restrict o = out + i * S;
         T h, l;
         F(row_extremes)(a, S, sp, &h, &l);
-        T e = i < nh ? h : l;
+        T e = i < kh ? h : l;
         int64_t count = 0;
         for (int64_t s = 0; s < S; s++) count += a[s * sp] == e;
-        T share = g[i] / (T)(float)count;  /* (counted in float32 by the PyTorch path) */
+        T share = (i < kh ? gh[r] : gl[r]) / (T)(float)count;  /* (counted in float32 by the PyTorch path) */
         for (int64_t s = 0; s < S; s++) o[s] = (a[s * sp] == e ? (T)1 : (T)0) * share;
     }
 }
 
-int F(position_spread)(const T *z, int64_t C, int64_t S, int64_t sn, int64_t sc, int64_t sp, const int64_t *rows,
-                       const T *g, int64_t nh, int64_t k, T *out, int threads)
+int F(position_spread)(const T *z, int64_t N, int64_t C, int64_t S, int64_t sn, int64_t sc, int64_t sp, const T *gh,
+                       const T *gl, int64_t k, int64_t *index, T *out, int threads)
 {
-    IN_PARTS(threads, k, 1, i0, i1, F(spread_rows)(z, C, S, sn, sc, sp, rows, g, nh, i0, i1, out));
+    int64_t i = 0, kh;
+    for (int64_t r = 0; r < N * C && i < k; r++)
+        if (gh[r] != 0) { index[i] = r / C; index[k + i] = r % C; i++; }
+    kh = i;
+    for (int64_t r = 0; r < N * C && i < k; r++)
+        if (gl[r] != 0) { index[i] = r / C; index[k + i] = r % C; i++; }
+    if (i != k) return 1;  /* (k was not F(spread_count) of these gradients) */
+    IN_PARTS(threads, k, 1, i0, i1, F(spread_rows)(z, C, S, sn, sc, sp, gh, gl, index, k, kh, i0, i1, out));
     return 0;
 }
