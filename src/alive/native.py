@@ -270,8 +270,9 @@ def linked_relu_rows_grad(grad: Tensor, out: Tensor, rows: int, length: int, dz:
 
 def position_extremes(z: Tensor, hi: Tensor, lo: Tensor) -> None:
     """``hi``, ``lo`` (``(N, C)``, contiguous) ← the max and min over the positions of each row
-    and channel of ``z``, a ``(N, C, S)`` view of feature maps whose positions (stride 1) or
-    channels (stride 1, channels-last) are contiguous (the caller checks); NaN where one is."""
+    and channel of ``z``, a ``(N, C, S)`` view of feature maps (any strides; one pass over
+    memory where the positions, or the channels (channels-last), are contiguous); NaN where one
+    is. CPU float32/float64 tensors (the caller checks)."""
     n, c, s = z.shape
     _kernel("position_extremes", z.dtype)(z.data_ptr(), n, c, s, *z.stride(), hi.data_ptr(), lo.data_ptr(),
                                           _threads(z.numel()))
