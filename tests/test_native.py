@@ -408,6 +408,10 @@ def _maps(kind, dtype):
         return (torch.randn(2, 6, 3, 4, 5, dtype=dtype) * 2).round()
     elif kind == "stacked view":  # the same from (points, nets·units, H, W): nets and points make no one stride
         return (torch.randn(6, 2 * 3, 4, 5, dtype=dtype) * 2).round().view(6, 2, 3, 4, 5).transpose(0, 1)
+    elif kind.startswith("large"):  # split among threads (rows and gradients above the grain)
+        z = (torch.randn(64, 8, 16, 16, dtype=dtype) * 2).round()
+        z[5, 3, 7, 7] = float("nan")
+        return z.contiguous(memory_format=torch.channels_last) if kind == "large channels-last" else z
     else:
         z = (torch.randn(7, 3, 5, 4, dtype=dtype) * 2).round()  # ties over positions
         z[1, 2] = 0.0  # a whole row tied
@@ -423,12 +427,15 @@ def _maps(kind, dtype):
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["contiguous", "channels-last", "conv1d", "stacked", "stacked view", "strided", "cropped"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels-last", "conv1d", "stacked", "stacked view", "strided", "cropped",
+                                  "large", "large channels-last"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_position_extremes_and_their_gradient_equal_the_pytorch_path_bit_for_bit(dtype, kind, sparse):
     from alive.functional import _PositionExtremes, _native_maps
 
     z = _maps(kind, dtype)
+    if kind.startswith("large"):
+        assert native._threads(z.numel()) == torch.get_num_threads()
     layers = not kind.startswith("stacked")
     zs = [z, z * -0.5] if layers else [z]
     assert (_native_maps(z, 2 if layers else 3) is None) == (kind in ("cropped", "stacked view"))
