@@ -4,6 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -438,6 +439,7 @@ def test_position_extremes_and_their_gradient_equal_the_pytorch_path_bit_for_bit
         assert native._threads(z.numel()) == torch.get_num_threads()
     layers = not kind.startswith("stacked")
     zs = [z, z * -0.5] if layers else [z]
+    nan_row = (5, 3) if kind.startswith("large") else (3, 1) if kind in ("contiguous", "channels-last", "strided", "cropped") else None
     assert (_native_maps(z, 2 if layers else 3) is None) == (kind in ("cropped", "stacked view"))
     runs = []
     for kernel in (True, False):
@@ -446,11 +448,38 @@ def test_position_extremes_and_their_gradient_equal_the_pytorch_path_bit_for_bit
             hi, lo = _PositionExtremes.apply(layers, sparse, *ts)
             gh, gl = torch.zeros_like(hi), torch.zeros_like(lo)
             gh.view(-1)[::3], gl.view(-1)[1::4] = 0.5, -1.5  # a gradient at some rows, as active hinges give
+            if nan_row is not None:  # the row holding a NaN: its gradient is NaN throughout
+                gh[(0, *nan_row)], gl[(0, *nan_row)] = 1.0, -1.0
             grads = torch.autograd.grad((hi, lo), ts, (gh, gl))
         runs.append((hi, lo, [g.to_dense() if g.is_sparse else g for g in grads], [g.is_sparse for g in grads]))
     (ha, la, ga, sa), (hb, lb, gb, sb) = runs
     same = lambda a, b: torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.isnan(), b.isnan())  # noqa: E731
     assert same(ha, hb) and same(la, lb) and sa == sb == [sparse] * len(zs)
     assert all(same(a, b) for a, b in zip(ga, gb)) and all(a.abs().nan_to_num(0).sum() > 0 for a in ga)
-    if kind in ("contiguous", "channels-last", "strided", "cropped"):
-        assert ha.isnan().sum() == 2 and ga[0][3, 1].isnan().all() == bool(gh[0, 3, 1] or gl[0, 3, 1])
+    if nan_row is not None:
+        assert ha.isnan().sum() == 2 and ga[0][nan_row].isnan().all() and not ga[0][0, 0].isnan().any()
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
+def test_position_extremes_of_layers_of_two_dtypes_take_the_pytorch_path():
+    from alive.functional import _PositionExtremes
+
+    z = torch.randn(4, 3, 5, 5)
+    hi, lo = _PositionExtremes.apply(True, False, z, z.double() * 2)  # (the kernel would write doubles into floats)
+    assert hi.dtype == torch.float64
+    torch.testing.assert_close(hi, torch.stack((z.amax((2, 3)), 2 * z.amax((2, 3)))).double())
+    with pytest.raises(ValueError, match="hi and lo must be contiguous torch.float32 tensors of 12 elements"):
+        native.position_extremes(z.view(4, 3, 25), torch.empty(12, dtype=torch.float64), torch.empty(12))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_an_openmp_build_that_brings_another_runtime_is_set_aside_for_the_serial_one(tmp_path, monkeypatch):
+    # (as clang's -fopenmp would, linking libomp beside PyTorch's libgomp: simulated)
+    monkeypatch.setenv("ALIVE_CACHE", str(tmp_path))
+    seen = iter([{"libgomp.so.1", "libomp.so"}] * 2)  # after loading the OpenMP build; in the message
+    monkeypatch.setattr(native, "_shares_pytorch_openmp", lambda: True)
+    monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(seen))
+    lib = native._load(["cc"])
+    (failed,) = (tmp_path / "native").glob("*.failed")
+    assert "not PyTorch's: ['libgomp.so.1', 'libomp.so']" in failed.read_text()
+    assert lib._name == str(native._target(["cc"])) and b"GOMP_parallel" not in Path(lib._name).read_bytes()

@@ -196,7 +196,7 @@ class _PositionExtremes(torch.autograd.Function):
         ctx.layers = layers
         ctx.sparse = sparse and zs[0].device.type == "cpu"
         views = [_native_maps(z, lead) for z in zs]
-        if all(v is not None and z.shape == zs[0].shape for v, z in zip(views, zs)):
+        if all(v is not None and z.shape == zs[0].shape and z.dtype == zs[0].dtype for v, z in zip(views, zs)):
             shape = ((len(zs),) if layers else ()) + zs[0].shape[:lead]
             hi, lo = zs[0].new_empty(shape), zs[0].new_empty(shape)
             rows_h, rows_l = hi.view(len(zs), -1, zs[0].shape[lead - 1]), lo.view(len(zs), -1, zs[0].shape[lead - 1])

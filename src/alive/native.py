@@ -22,6 +22,8 @@ On x86-64 Linux with GCC the hot loops are also compiled for AVX2 + FMA, chosen 
 where the CPU has them. Where PyTorch runs on GNU OpenMP (Linux wheels) the library is built
 with ``-fopenmp`` and so shares PyTorch's thread pool: large tensors (the linked ReLU, feature
 maps) are split among ``torch.get_num_threads()`` threads; elsewhere the kernels are serial.
+As for PyTorch's own operations, a process forked after that pool ran must use one thread
+(``torch.set_num_threads(1)``, as DataLoader workers do; :mod:`alive.workers` spawns).
 The library is built once per source version into a per-user cache.
 
 Environment:
@@ -91,12 +93,18 @@ def _shares_pytorch_openmp() -> bool:
     runtime, would give a second pool competing for the cores: the kernels then stay serial)."""
     if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
+    return _openmp_runtimes() == {"libgomp.so.1"}
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (Linux), by name, versions cut off."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
-        return False
-    loaded = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/libgomp" in line}
-    return bool(loaded) and all(name.startswith("libgomp.so.1") for name in loaded)
+        return set()
+    names = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/lib" in line}
+    return {name.split(".so")[0] + ".so.1" if name.startswith("libgomp.so.1") else name for name in names
+            if name.startswith(("libgomp", "libomp", "libiomp"))}
 
 
 def _target(compiler: list[str], flags: tuple[str, ...] = FLAGS) -> Path:
@@ -128,17 +136,24 @@ def _build(compiler: list[str], target: Path, flags: tuple[str, ...] = FLAGS) ->
 def _load(compiler: list[str]) -> ctypes.CDLL:
     """The cached library, built first if missing; one that does not load is built again.
     With OpenMP where it shares PyTorch's pool (:func:`_shares_pytorch_openmp`) and the
-    compiler can: a failed OpenMP build is remembered beside the library, and the serial one
-    is used."""
+    compiler can: an OpenMP build that fails, or brings in another runtime, is remembered beside
+    the library (delete the ``.failed`` file to try again), and the serial one is used."""
     failed, why = None, None
     if _shares_pytorch_openmp():
         target = _target(compiler, FLAGS + OPENMP)
         failed = target.with_suffix(".failed")
         if not failed.exists():
             try:
-                return _open(compiler, target, FLAGS + OPENMP)
-            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
+                lib = _open(compiler, target, FLAGS + OPENMP)
+                if _openmp_runtimes() == {"libgomp.so.1"}:
+                    return lib
+                # (a compiler whose OpenMP is another runtime, e.g. clang's libomp: a second pool,
+                # and thread numbers asked of the wrong one; the serial library calls neither)
+                why = RuntimeError(f"its OpenMP runtime is not PyTorch's: {sorted(_openmp_runtimes())}")
+            except (OSError, RuntimeError, AttributeError) as err:  # (a timeout is not remembered)
                 why = err
+            except subprocess.SubprocessError as err:
+                log.info("alive: the native kernels are built without OpenMP this time (%s)", err)
     lib = _open(compiler, _target(compiler), FLAGS)
     if why is not None:  # (only OpenMP failed: the next process goes straight to the serial one)
         log.info("alive: the native kernels are built without OpenMP (%s)", why)
@@ -274,6 +289,9 @@ def position_extremes(z: Tensor, hi: Tensor, lo: Tensor) -> None:
     memory where the positions, or the channels (channels-last), are contiguous); NaN where one
     is. CPU float32/float64 tensors (the caller checks)."""
     n, c, s = z.shape
+    for out in (hi, lo):  # (the kernel writes n·c elements of z's type through raw pointers)
+        if out.dtype != z.dtype or out.numel() != n * c or not out.is_contiguous():
+            raise ValueError(f"position_extremes: hi and lo must be contiguous {z.dtype} tensors of {n * c} elements")
     _kernel("position_extremes", z.dtype)(z.data_ptr(), n, c, s, *z.stride(), hi.data_ptr(), lo.data_ptr(),
                                           _threads(z.numel()))
 
@@ -285,6 +303,9 @@ def position_spread(z: Tensor, g_hi: Tensor, g_lo: Tensor) -> tuple[Tensor, Tens
     maxima's rows first, each part in row order), ``values`` ``(k, S)`` the row's gradient shared
     equally among the positions that hold its extreme."""
     n, c, s = z.shape
+    for g in (g_hi, g_lo):
+        if g.dtype != z.dtype or g.numel() != n * c or not g.is_contiguous():
+            raise ValueError(f"position_spread: g_hi and g_lo must be contiguous {z.dtype} tensors of {n * c} elements")
     k = _kernel("spread_count", z.dtype)(g_hi.data_ptr(), g_lo.data_ptr(), n * c)
     index = torch.empty(2, k, dtype=torch.int64)
     values = z.new_empty(k, s)

@@ -5,7 +5,9 @@
  * contiguous (sp = 1: NCHW) or the channels (sc = 1: channels-last). PyTorch takes one pass
  * for the max and another for the min (torch.aminmax is slower still); its backward gathers
  * the rows whose extremes have a gradient, then compares, counts and scales them in five
- * operations more. A NaN makes its extremes NaN, as torch.amax / amin. */
+ * operations more. A NaN makes its extremes NaN, as torch.amax / amin; an extreme of 0 may
+ * differ from theirs in its sign (which of -0.0 and +0.0 is kept depends on the lanes), which
+ * neither the hinges relu(m -+ e) nor the ties (==) see. */
 
 /* the max (*h) and min (*l) of n elements a stride apart; NaN if one is */
 HOT static void F(row_extremes)(const T *restrict a, int64_t n, int64_t stride, T *h, T *l)
@@ -108,7 +110,7 @@ HOT static void F(spread_rows)(const T *restrict z, int64_t C, int64_t S, int64_
         T e = i < kh ? h : l;
         int64_t count = 0;
         for (int64_t s = 0; s < S; s++) count += a[s * sp] == e;
-        T share = (i < kh ? gh[r] : gl[r]) / (T)(float)count;  /* (counted in float32 by the PyTorch path) */
+        T share = (i < kh ? gh[r] : gl[r]) / (T)(float)count;  /* (in float32, as PyTorch's sparse path counts) */
         for (int64_t s = 0; s < S; s++) o[s] = (a[s * sp] == e ? (T)1 : (T)0) * share;
     }
 }
