@@ -476,7 +476,7 @@ def test_position_extremes_of_layers_of_two_dtypes_take_the_pytorch_path():
 def test_an_openmp_build_that_brings_another_runtime_is_set_aside_for_the_serial_one(tmp_path, monkeypatch):
     # (as clang's -fopenmp would, linking libomp beside PyTorch's libgomp: simulated)
     monkeypatch.setenv("ALIVE_CACHE", str(tmp_path))
-    seen = iter([{"libgomp.so.1", "libomp.so"}] * 2)  # after loading the OpenMP build; in the message
+    seen = iter([{"libgomp.so.1", "libomp.so"}])  # after loading the OpenMP build
     monkeypatch.setattr(native, "_shares_pytorch_openmp", lambda: True)
     monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(seen))
     lib = native._load(["cc"])

@@ -180,8 +180,9 @@ class SeparationConstraint:
     ``N·*`` input rows is a point; a conv layer's unbatched input ``(C, *spatial)`` is one
     point. By default every ``Linear`` and ``Conv`` layer except the output one (the last one
     registered in the model; a warning says when it runs before constrained layers) is
-    constrained; pass ``layers=`` to choose. Those outputs must not be modified in place afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer
-    would turn them into activations): :meth:`penalty` refuses such a forward pass. On a CPU,
+    constrained; pass ``layers=`` to choose. Those outputs must not be modified in place
+    afterwards (``nn.ReLU(inplace=True)`` right after a constrained layer would turn them into
+    activations): :meth:`penalty` refuses such a forward pass. On a CPU,
     feature maps pass through an identity (same values and memory) that lets the penalty's
     gradient arrive as a sparse tensor. On a CPU (float32/float64) :meth:`penalty` is computed
     by the native kernel of :mod:`alive.native` where it applies. Under data-parallel

@@ -52,8 +52,9 @@ class _LinkedReLU(torch.autograd.Function):
     Backward reads only the output (which the next layer keeps for its own backward anyway,
     so linking costs no extra activation memory): ``dz = g_pos·[out_pos > 0] - g_neg·[out_neg > 0]``.
     On a CPU (float32/float64, contiguous or channels-last) the native kernel of
-    :mod:`alive.native` does each way in one pass (on PyTorch's threads); elsewhere one pass per half (each half
-    thresholded on its own, so that no ``2·C`` intermediate is allocated) and a subtraction.
+    :mod:`alive.native` does each way in one pass (on PyTorch's threads); elsewhere one pass
+    per half (each half thresholded on its own, so that no ``2·C`` intermediate is allocated)
+    and a subtraction.
     At ``z == 0`` both members have PyTorch's ReLU derivative 0, exactly as the naive composition.
     """
 
@@ -94,15 +95,22 @@ def _linked_rows(z: Tensor, dim: int) -> tuple[int, int] | None:
     """``(rows, length)`` of ``z`` as the native linked-ReLU kernel reads it (each row one
     stretch of memory: ``dim`` and the dimensions after it, or a channels-last pixel's channels
     for ``dim`` 1), or ``None`` where it does not apply."""
-    if (type(z) is not Tensor or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64)
-            or not z.numel() or torch.compiler.is_compiling() or not native.available()):
-        return None  # (fake tensors of a compiled graph, subclasses: the built-ins trace and dispatch)
+    if not _native_cpu(z):
+        return None
     if z.is_contiguous():
         rows = math.prod(z.shape[:dim])
         return rows, z.numel() // rows
     if dim == 1 and _memory_format(z) is torch.channels_last:
         return z.numel() // z.shape[1], z.shape[1]
     return None
+
+
+def _native_cpu(z: Tensor) -> bool:
+    """Whether the native kernels of :mod:`alive.native` can read ``z``: a plain, non-empty CPU
+    float32/float64 tensor outside a compiled graph, the kernels built (fake tensors of a compiled
+    graph and subclasses take the built-ins, which trace and dispatch)."""
+    return (type(z) is Tensor and z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
+            and z.numel() > 0 and not torch.compiler.is_compiling() and native.available())
 
 
 def _memory_format(z: Tensor):
@@ -122,8 +130,8 @@ def linked_relu(z: Tensor, dim: int = 1) -> Tensor:
     Equal to ``torch.cat((relu(z), relu(-z)), dim)`` (CReLU) in value and gradient. On large
     tensors a single autograd function writes both halves straight into the output and keeps no
     tensor the next layer does not keep already (on a CPU 2.3-3x faster than the composition
-    with the native kernel of :mod:`alive.native` on PyTorch's threads, 1.3x without); small tensors, where per-call
-    overhead dominates, take the plain composition.
+    with the native kernel of :mod:`alive.native` on PyTorch's threads, 1.3x without); small
+    tensors, where per-call overhead dominates, take the plain composition.
     """
     _check_dim(z, dim)
     # torch.func transforms cannot run the autograd function (it has no setup_context)
@@ -199,8 +207,8 @@ class _PositionExtremes(torch.autograd.Function):
         if all(v is not None and z.shape == zs[0].shape and z.dtype == zs[0].dtype for v, z in zip(views, zs)):
             shape = ((len(zs),) if layers else ()) + zs[0].shape[:lead]
             hi, lo = zs[0].new_empty(shape), zs[0].new_empty(shape)
-            rows_h, rows_l = hi.view(len(zs), -1, zs[0].shape[lead - 1]), lo.view(len(zs), -1, zs[0].shape[lead - 1])
-            for v, h, l in zip(views, rows_h, rows_l):
+            units = zs[0].shape[lead - 1]
+            for v, h, l in zip(views, hi.view(len(zs), -1, units), lo.view(len(zs), -1, units)):
                 native.position_extremes(v, h, l)
             return hi, lo
         his, los = [], []
@@ -325,8 +333,7 @@ def _without_padded_units(hs: Tensor, ls: Tensor, padded: Tensor | None) -> tupl
 def _native_maps(z: Tensor, lead: int) -> Tensor | None:
     """``z`` (``(*lead dims, *positions)``) as the ``(rows, channels, positions)`` view that the
     native position kernels of :mod:`alive.native` read, or ``None`` where they do not apply."""
-    if (type(z) is not Tensor or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64)
-            or z.dim() <= lead or not z.numel() or torch.compiler.is_compiling() or not native.available()):
+    if z.dim() <= lead or not _native_cpu(z):
         return None
     try:  # (contiguous and channels-last maps: any layout whose positions make one stride)
         return z.view(-1, z.shape[lead - 1], math.prod(z.shape[lead:]))
@@ -482,16 +489,7 @@ def _reference_penalty(zh: Tensor, zl: Tensor | None, coef_u: Tensor, coef_p: Te
 
 def _native_applies(z: Tensor, aggregation: str) -> bool:
     """Whether :func:`native_separation_penalty` computes the penalty of ``z`` (cheap checks first)."""
-    return (
-        z.device.type == "cpu"
-        and z.dtype in (torch.float32, torch.float64)
-        and aggregation in native.AGGREGATIONS
-        and z.dim() >= 2
-        and z.numel() > 0
-        and not _transforms_active()
-        and not torch.compiler.is_compiling()
-        and native.available()
-    )
+    return aggregation in native.AGGREGATIONS and z.dim() >= 2 and not _transforms_active() and _native_cpu(z)
 
 
 def native_separation_penalty(

@@ -145,11 +145,12 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
         if not failed.exists():
             try:
                 lib = _open(compiler, target, FLAGS + OPENMP)
-                if _openmp_runtimes() == {"libgomp.so.1"}:
+                runtimes = _openmp_runtimes()
+                if runtimes == {"libgomp.so.1"}:
                     return lib
                 # (a compiler whose OpenMP is another runtime, e.g. clang's libomp: a second pool,
                 # and thread numbers asked of the wrong one; the serial library calls neither)
-                why = RuntimeError(f"its OpenMP runtime is not PyTorch's: {sorted(_openmp_runtimes())}")
+                why = RuntimeError(f"its OpenMP runtime is not PyTorch's: {sorted(runtimes)}")
             except (OSError, RuntimeError, AttributeError) as err:  # (a timeout is not remembered)
                 why = err
             except subprocess.SubprocessError as err:

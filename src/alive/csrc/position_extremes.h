@@ -20,9 +20,8 @@ HOT static void F(row_extremes)(const T *restrict a, int64_t n, int64_t stride, 
         VI bad = hi != hi;
         for (i = VL; i + VL <= n; i += VL) {
             VT x = *(const VU *)(a + i);
-            VI up = x > hi, down = x < lo;
-            hi = (VT)((up & (VI)x) | (~up & (VI)hi));
-            lo = (VT)((down & (VI)x) | (~down & (VI)lo));
+            hi = VSELECT(x > hi, x, hi);
+            lo = VSELECT(x < lo, x, lo);
             bad |= x != x;
         }
         hs = hi[0], ls = lo[0];

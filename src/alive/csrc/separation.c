@@ -97,8 +97,9 @@ static void release(void *p)
 }
 #endif
 
-/* Run the body (the arguments after HI) over [LO, HI) = parts of [0, TOTAL) on up to THREADS threads, each part a whole
- * number of ALIGN items (64-byte lines of elements, or whole rows): built with -fopenmp
+/* Run the body (the arguments after HI) over [LO, HI) = parts of [0, TOTAL) on up to THREADS
+ * threads, each part a whole number of ALIGN items (64-byte lines of elements, or whole
+ * rows): built with -fopenmp
  * (alive/native.py does so only where PyTorch's own OpenMP runtime, libgomp, is loaded: the
  * library then shares PyTorch's thread pool, whose workers are already awake after PyTorch's
  * operations, instead of starting a second one that competes with them for the cores);
@@ -130,6 +131,10 @@ typedef int64_t v4i __attribute__((vector_size(32)));
 typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
 #define ld8(p) (*(const v8u *)(p))
 #define st8(p, v) (*(v8u *)(p) = (v))
+/* a where the comparison m holds, else b, lane by lane (VT, VI: the vector types of the T in
+ * use; masks, not selections: the compiler keeps branches there). A running extreme
+ * e = VSELECT(x > e, x, e) is never replaced by a NaN x. */
+#define VSELECT(m, a, b) ((VT)(((m) & (VI)(a)) | (~(m) & (VI)(b))))
 /* in index order, as a scalar loop would add them */
 #define hsum8(v) ((((((((v)[0] + (v)[1]) + (v)[2]) + (v)[3]) + (v)[4]) + (v)[5]) + (v)[6]) + (v)[7])
 

@@ -67,13 +67,12 @@ HOT static void F(extremes)(const T *restrict th, const T *restrict tl, int64_t 
     for (int64_t p = 0; p < P; p++) { hp[p] = th[p]; lp[p] = tl[p]; }
     for (int64_t u = 0; u < R; u++) {
         const T *restrict a = th + u * ld, *restrict b = tl + u * ld;
-        VT hi = (VT){0} + a[0], lo = (VT){0} + b[0];  /* VL running extremes (x > e ? x : e lane by lane) */
+        VT hi = (VT){0} + a[0], lo = (VT){0} + b[0];  /* VL running extremes */
         int64_t p = 0;
         for (; p + VL <= P; p += VL) {
             VT x = *(const VU *)(a + p), y = *(const VU *)(b + p);
-            VI up = x > hi, down = y < lo;
-            hi = (VT)((up & (VI)x) | (~up & (VI)hi));
-            lo = (VT)((down & (VI)y) | (~down & (VI)lo));
+            hi = VSELECT(x > hi, x, hi);
+            lo = VSELECT(y < lo, y, lo);
         }
         T h = hi[0], l = lo[0];
         for (int j = 1; j < VL; j++) { h = hi[j] > h ? hi[j] : h; l = lo[j] < l ? lo[j] : l; }
