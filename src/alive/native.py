@@ -86,6 +86,9 @@ def _off_by_environment() -> bool:
     return value in ("0", "false", "off", "no")
 
 
+PYTORCH_OPENMP = frozenset({"libgomp.so.1"})  # the runtime PyTorch's Linux wheels load (their own copy, this soname)
+
+
 def _shares_pytorch_openmp() -> bool:
     """Whether a library built with ``-fopenmp`` would share PyTorch's OpenMP thread pool: on
     Linux, where PyTorch's parallel backend is OpenMP and the GNU runtime it loaded answers to
@@ -93,17 +96,17 @@ def _shares_pytorch_openmp() -> bool:
     runtime, would give a second pool competing for the cores: the kernels then stay serial)."""
     if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
-    return _openmp_runtimes() == {"libgomp.so.1"}
+    return _openmp_runtimes() == PYTORCH_OPENMP
 
 
 def _openmp_runtimes() -> set[str]:
-    """The OpenMP runtimes mapped into this process (Linux), by name, versions cut off."""
+    """The OpenMP runtimes mapped into this process (Linux), by file name (libgomp.so.1.x as libgomp.so.1)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return set()
     names = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/lib" in line}
-    return {name.split(".so")[0] + ".so.1" if name.startswith("libgomp.so.1") else name for name in names
+    return {"libgomp.so.1" if name.startswith("libgomp.so.1") else name for name in names
             if name.startswith(("libgomp", "libomp", "libiomp"))}
 
 
@@ -146,7 +149,7 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
             try:
                 lib = _open(compiler, target, FLAGS + OPENMP)
                 runtimes = _openmp_runtimes()
-                if runtimes == {"libgomp.so.1"}:
+                if runtimes == PYTORCH_OPENMP:
                     return lib
                 # (a compiler whose OpenMP is another runtime, e.g. clang's libomp: a second pool,
                 # and thread numbers asked of the wrong one; the serial library calls neither)
