@@ -2,6 +2,7 @@
 path, its use by the constraint and the grid engine, and its build, cache and fallback."""
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,7 @@ def test_second_order_gradients_equal_the_pytorch_path(strided):
 
 
 def test_the_constraint_uses_the_kernel_once_per_group_of_layers(monkeypatch):
+    monkeypatch.setattr(native, "dense_penalty", lambda: None)  # the Python node (the C++ one: below)
     calls = []
     forward = native.separation_penalty
     monkeypatch.setattr(native, "separation_penalty", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
@@ -298,8 +300,9 @@ def test_sizes_that_the_kernel_would_read_out_of_bounds_are_refused():
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    # (CXX=false: the C library's builds, without the C++ node's, which a test below builds)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+                          env={**os.environ, "CXX": "false", **env})
 
 
 PROBE = """
@@ -331,25 +334,25 @@ def test_alive_native_0_turns_it_off_quietly_and_a_bad_value_is_refused(tmp_path
 
 def test_a_damaged_cached_library_is_built_again_and_an_empty_build_is_refused(tmp_path):
     done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
-    (built,) = (tmp_path / "native").iterdir()
+    (built,) = (tmp_path / "native").glob("separation-*")
     built.write_bytes(b"cut short")
     done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
     assert "available True" in done.stdout and "not available" not in done.stderr, done.stderr
     assert built.stat().st_size > 1000
     done = run_python(PROBE, CC="true", ALIVE_CACHE=str(tmp_path / "other"), ALIVE_NATIVE="1")  # exits 0, writes nothing
     assert "available False" in done.stdout and "true wrote no library" in done.stderr
-    assert not list((tmp_path / "other" / "native").iterdir())
+    assert not list((tmp_path / "other" / "native").glob("separation-*"))
 
 
 def test_the_build_is_cached_per_source_and_reused(tmp_path):
     done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
     assert done.returncode == 0 and "available True" in done.stdout, done.stderr
-    built = list((tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("separation-")
+    built = list((tmp_path / "native").glob("separation-*"))
+    assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     done = run_python(PROBE, ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
     assert "available True" in done.stdout
-    assert list((tmp_path / "native").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    assert list((tmp_path / "native").glob("separation-*")) == built and built[0].stat().st_mtime_ns == stamp
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
@@ -384,7 +387,7 @@ def test_the_kernels_share_pytorchs_openmp_runtime_and_build_serially_where_open
     if "openmp True" not in done.stdout:
         pytest.skip("PyTorch does not run on a libgomp.so.1 here: the kernels are serial")
     assert "gomp ['libgomp.so.1']" in done.stdout  # one runtime, one pool: PyTorch's
-    (built,) = (tmp_path / "a" / "native").iterdir()
+    (built,) = (tmp_path / "a" / "native").glob("separation-*")
     assert b"GOMP_parallel" in built.read_bytes()
     # a compiler without OpenMP: the serial library, and the next process does not try again
     log = tmp_path / "calls"
@@ -397,7 +400,7 @@ def test_the_kernels_share_pytorchs_openmp_runtime_and_build_serially_where_open
         assert "available True" in done.stdout and "not available" not in done.stderr, done.stderr
     calls = log.read_text().splitlines()
     assert len(calls) == 2 and "-fopenmp" in calls[0] and "-fopenmp" not in calls[1]
-    (failed,), (serial,) = ([p for p in (tmp_path / "b" / "native").iterdir() if p.suffix == s] for s in (".failed", ".so"))
+    (failed,), (serial,) = ([p for p in (tmp_path / "b" / "native").glob("separation-*") if p.suffix == s] for s in (".failed", ".so"))
     assert "no openmp" in failed.read_text() and b"GOMP_parallel" not in serial.read_bytes()
 
 
@@ -483,3 +486,122 @@ def test_an_openmp_build_that_brings_another_runtime_is_set_aside_for_the_serial
     (failed,) = (tmp_path / "native").glob("*.failed")
     assert "not PyTorch's: ['libgomp.so.1', 'libomp.so']" in failed.read_text()
     assert lib._name == str(native._target(["cc"])) and b"GOMP_parallel" not in Path(lib._name).read_bytes()
+
+
+# the C++ autograd node of deep rectangular MLPs (native.dense_penalty)
+CXX = os.environ.get("CXX") or "c++"
+needs_node = pytest.mark.skipif(native.dense_penalty() is None, reason="no C++ compiler for the dense-penalty node")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which(CXX) is None, reason="no C++ compiler")
+def test_the_dense_node_is_built_where_a_cpp_compiler_exists():
+    assert native.dense_penalty() is not None
+
+
+def _penalty_and_gradients(net, sep, x, node: bool, monkeypatch, upstream=3.0):
+    """The penalty, the gradients of ``upstream`` × it, and those of a second backward through the
+    retained graph, with the C++ node or the Python one."""
+    with monkeypatch.context() as m:
+        if not node:
+            m.setattr(native, "dense_penalty", lambda: None)
+        net.zero_grad(set_to_none=True)
+        net(x)
+        p = sep.penalty()
+    (upstream * p).backward(retain_graph=True)
+    first = [q.grad.clone() for q in net.parameters() if q.grad is not None]
+    net.zero_grad(set_to_none=True)
+    p.backward()
+    again = [q.grad.clone() for q in net.parameters() if q.grad is not None]
+    return p.detach(), p.grad_fn.name(), first, again
+
+
+@needs_node
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("aggregation", ["paper", "squared_sum", "mean"])
+@pytest.mark.parametrize("kind", ["up", "u", "p"])
+def test_the_dense_node_gives_the_python_nodes_values_and_gradients_bit_for_bit(kind, aggregation, ties, dtype, monkeypatch):
+    torch.manual_seed(0)
+    net = MLP(2, 2, depth=6, width=4).to(dtype)
+    x = torch.randn(40, 2, dtype=dtype)
+    x[5:9] = x[0]  # tied extremes
+    sep = alive.SeparationConstraint(net, kind=kind, weight=0.3, aggregation=aggregation, ties=ties, rho=0.4)
+    got = _penalty_and_gradients(net, sep, x, True, monkeypatch)
+    want = _penalty_and_gradients(net, sep, x, False, monkeypatch)
+    assert "DensePenalty" in got[1] and want[1] == "_NativePenaltyBackward"
+    assert torch.equal(got[0], want[0]) and got[0] > 0
+    for a, b in zip(got[2:], want[2:]):
+        assert len(a) == len(b) == 12 and all(torch.equal(g, h) for g, h in zip(a, b))
+    assert any(g.abs().sum() > 0 for g in got[2])
+
+
+class _StridedLinear(nn.Linear):
+    """A dense layer whose output is a transposed (non-contiguous) view."""
+
+    def forward(self, x):
+        return super().forward(x).t().contiguous().t()
+
+
+@needs_node
+def test_the_dense_node_with_strided_outputs_frozen_layers_no_grad_and_inference(monkeypatch):
+    torch.manual_seed(1)
+    net = nn.Sequential(_StridedLinear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), _StridedLinear(4, 4), nn.ReLU(),
+                        nn.Linear(4, 2))
+    net[0].requires_grad_(False)  # its output needs no gradient: the node sends it none
+    x = torch.randn(30, 2)
+    sep = alive.SeparationConstraint(net, kind="up", weight=0.5)
+    got = _penalty_and_gradients(net, sep, x, True, monkeypatch)
+    want = _penalty_and_gradients(net, sep, x, False, monkeypatch)
+    assert "DensePenalty" in got[1] and torch.equal(got[0], want[0])
+    assert all(torch.equal(g, h) for g, h in zip(got[2], want[2])) and len(got[2]) == 4
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            net(x)
+            value = sep.penalty()
+        assert value.grad_fn is None and torch.equal(value, got[0])
+
+
+@needs_node
+def test_the_dense_node_under_a_double_backward_and_with_layers_of_several_widths(monkeypatch):
+    """A gradient-norm regulariser (create_graph) differentiates the node's gradient, through the
+    Python reference; layers of unequal widths take the grouped path."""
+    torch.manual_seed(2)
+    x, y = torch.randn(24, 2, dtype=torch.float64), torch.randint(0, 2, (24,))
+    results = []
+    for node in (True, False):
+        net = MLP(2, 2, depth=4, width=3).double()
+        torch.manual_seed(3)
+        for q in net.parameters():
+            q.data.normal_(0, 0.5)
+        with alive.SeparationConstraint(net, kind="up", weight=0.5) as sep, monkeypatch.context() as m:
+            if not node:
+                m.setattr(native, "dense_penalty", lambda: None)
+            loss = nn.functional.cross_entropy(net(x), y) + sep.penalty()
+            grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+            sum(g.square().sum() for g in grads).backward()
+        results.append([q.grad for q in net.parameters()])
+    assert all(torch.allclose(g, h, rtol=1e-10, atol=1e-12) for g, h in zip(*results))
+    assert results[0][0].abs().sum() > 0
+    wide = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    sep = alive.SeparationConstraint(wide, kind="up", weight=0.1)
+    values = []
+    for node in (True, False):
+        with monkeypatch.context() as m:
+            if not node:
+                m.setattr(native, "dense_penalty", lambda: None)
+            wide(x.float())
+            values.append(sep.penalty())
+    assert torch.equal(*values) and values[0].grad_fn.name() == values[1].grad_fn.name() != "_NativePenaltyBackward"
+
+
+def test_without_a_cpp_compiler_the_python_node_serves_and_the_failure_is_remembered(tmp_path):
+    code = PROBE + "print('node', native.dense_penalty())\n"
+    for _ in range(2):
+        done = run_python(code, CXX="false", ALIVE_CACHE=str(tmp_path), ALIVE_NATIVE="1")
+        assert done.returncode == 0 and "available True" in done.stdout and "node None" in done.stdout, done.stderr
+        (failed,) = (tmp_path / "native").glob("dense-penalty-*.failed")
+        if _ == 0:
+            stamp = failed.stat().st_mtime_ns
+        # said once, when the build fails; the next process does not try again
+        assert done.stderr.count("could not be built") == (1 if _ == 0 else 0), done.stderr
+    assert "false failed" in failed.read_text() and failed.stat().st_mtime_ns == stamp

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from . import native
 from .functional import (TIES, _check_options, _native_applies, _NativePenalty, _transforms_active,
                          native_separation_penalty, stacked_separation_penalty)
 
@@ -185,7 +186,8 @@ class SeparationConstraint:
     activations): :meth:`penalty` refuses such a forward pass. On a CPU,
     feature maps pass through an identity (same values and memory) that lets the penalty's
     gradient arrive as a sparse tensor. On a CPU (float32/float64) :meth:`penalty` is computed
-    by the native kernel of :mod:`alive.native` where it applies. Under data-parallel
+    by the native kernel of :mod:`alive.native` where it applies (a deep rectangular MLP's
+    in a C++ autograd node, where one could be built). Under data-parallel
     training (``torch.distributed`` initialised) the extremes over points are taken over the
     global batch, so the penalty equals the single-process one (to float rounding).
 
@@ -390,12 +392,21 @@ class SeparationConstraint:
 
     def _dense_native_penalty(self) -> Tensor | None:
         """The penalty of a pass whose captures are all dense layers of one shape (a deep
-        rectangular MLP), by the native kernel in one call, λ included; ``None`` otherwise.
+        rectangular MLP), by the native kernel in one autograd node, λ included (the C++ node of
+        :func:`alive.native.dense_penalty` where it could be built); ``None`` otherwise.
         The general path's grouping, and its operations, cost a tenth of a thin net's step."""
         zs = self._captured
         head = zs[0]
         if head.dim() != 2 or not self._stackable or not _native_applies(head, self.aggregation):
             return None
+        node = native.dense_penalty()
+        if node is not None:
+            try:
+                return node(zs, *self._native_coefs(len(zs), head.dtype), self.rho, self.margin, self.aggregation,
+                            self.ties, self.weight)
+            except RuntimeError:  # several widths (or dtypes, devices): as below
+                self._stackable = False
+                return None
         try:
             zh = torch.stack(zs)
         except RuntimeError:  # several widths (or devices): groups of one shape, until one fits all again
