@@ -63,8 +63,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disabled", "library", "dense_penalty", "separation_penalty", "linked_relu_rows", "linked_relu_rows_grad",
-           "position_extremes", "position_spread", "DenseStack", "AGGREGATIONS"]
+__all__ = ["available", "disabled", "library", "dense_penalty", "separation_penalty", "linked_relu_rows",
+           "linked_relu_rows_grad", "position_extremes", "position_spread", "DenseStack", "AGGREGATIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,8 @@ def _cpp_command(compiler: list[str], out: str) -> list[str]:
     root = Path(torch.__file__).parent
     lib = root / "lib"
     return [*compiler, *CPP_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            "-I", str(root / "include"), "-o", out, str(CPP_SOURCE), "-L", str(lib), "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+            "-I", str(root / "include"), "-o", out, str(CPP_SOURCE), "-L", str(lib), "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{lib}"]
 
 
 def _build_cpp(compiler: list[str], target: Path) -> None:

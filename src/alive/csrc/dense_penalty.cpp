@@ -22,6 +22,7 @@
 
 namespace alive_native {
 
+// the signature of sep_penalty_f32 / _f64 (separation_body.h)
 template <typename T>
 using Kernel = int (*)(const T *, const T *, int64_t, int64_t, int64_t, const int32_t *, const T *, const T *,
                        double, double, int, int, T *, double, T *, T *, T *);
@@ -79,7 +80,8 @@ std::vector<at::Tensor> checked_layers(at::TensorList zs, const at::Tensor &coef
 {
     TORCH_CHECK(!zs.empty(), "dense_penalty: no layer");
     const at::Tensor &head = zs[0];
-    TORCH_CHECK(head.dim() == 2 && head.numel() > 0, "dense_penalty: layers must be non-empty (points, units) matrices");
+    TORCH_CHECK(head.dim() == 2 && head.numel() > 0,
+                "dense_penalty: layers must be non-empty (points, units) matrices");
     TORCH_CHECK(head.device().is_cpu() && (head.scalar_type() == at::kFloat || head.scalar_type() == at::kDouble),
                 "dense_penalty: layers must be CPU float32 or float64 tensors");
     std::vector<at::Tensor> layers;
@@ -151,7 +153,8 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
                 ctx->saved_data.erase(kept);
             } else {
                 std::vector<at::Tensor> layers;
-                for (const at::Tensor &z : ctx->get_saved_variables()) layers.push_back(z.is_contiguous() ? z : z.contiguous());
+                for (const at::Tensor &z : ctx->get_saved_variables())
+                    layers.push_back(z.is_contiguous() ? z : z.contiguous());
                 penalty_of(layers, coefs.get(0), coefs.get(1), rho, margin, aggregation_code(aggregation),
                            ties == "first", scale, &grads);
             }
