@@ -498,6 +498,23 @@ def test_the_dense_node_is_built_where_a_cpp_compiler_exists():
     assert native.dense_penalty() is not None
 
 
+def _counting_node(monkeypatch) -> list:
+    """Count the C++ node's calls (and the errors it raised) from here on."""
+    node, calls = native.dense_penalty(), []
+
+    def counted(*args):
+        try:
+            out = node(*args)
+        except Exception as err:
+            calls.append(type(err).__name__)
+            raise
+        calls.append("ok")
+        return out
+
+    monkeypatch.setattr(native, "_cpp_op", counted)
+    return calls
+
+
 def _penalty_and_gradients(net, sep, x, node: bool, monkeypatch, upstream=3.0):
     """The penalty, the gradients of ``upstream`` × it, and those of a second backward through the
     retained graph, with the C++ node or the Python one."""
@@ -547,9 +564,10 @@ def test_the_dense_node_with_strided_outputs_frozen_layers_no_grad_and_inference
     torch.manual_seed(1)
     net = nn.Sequential(_StridedLinear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), _StridedLinear(4, 4), nn.ReLU(),
                         nn.Linear(4, 2))
-    net[0].requires_grad_(False)  # its output needs no gradient: the node sends it none
+    net[0].requires_grad_(False)  # its output needs no gradient (autograd drops the one the node computes)
     x = torch.randn(30, 2)
     sep = alive.SeparationConstraint(net, kind="up", weight=0.5)
+    calls = _counting_node(monkeypatch)
     got = _penalty_and_gradients(net, sep, x, True, monkeypatch)
     want = _penalty_and_gradients(net, sep, x, False, monkeypatch)
     assert "DensePenalty" in got[1] and torch.equal(got[0], want[0])
@@ -559,6 +577,7 @@ def test_the_dense_node_with_strided_outputs_frozen_layers_no_grad_and_inference
             net(x)
             value = sep.penalty()
         assert value.grad_fn is None and torch.equal(value, got[0])
+    assert calls == ["ok"] * 3
 
 
 @needs_node
@@ -567,6 +586,7 @@ def test_the_dense_node_under_a_double_backward_and_with_layers_of_several_width
     Python reference; layers of unequal widths take the grouped path."""
     torch.manual_seed(2)
     x, y = torch.randn(24, 2, dtype=torch.float64), torch.randint(0, 2, (24,))
+    calls = _counting_node(monkeypatch)
     results = []
     for node in (True, False):
         net = MLP(2, 2, depth=4, width=3).double()
@@ -581,17 +601,81 @@ def test_the_dense_node_under_a_double_backward_and_with_layers_of_several_width
             sum(g.square().sum() for g in grads).backward()
         results.append([q.grad for q in net.parameters()])
     assert all(torch.allclose(g, h, rtol=1e-10, atol=1e-12) for g, h in zip(*results))
-    assert results[0][0].abs().sum() > 0
+    assert results[0][0].abs().sum() > 0 and calls == ["ok"]
+    # unequal widths: the node refuses them, and the penalty is the grouped path's, as without it
     wide = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    sep = alive.SeparationConstraint(wide, kind="up", weight=0.1)
     values = []
     for node in (True, False):
         with monkeypatch.context() as m:
             if not node:
                 m.setattr(native, "dense_penalty", lambda: None)
+            sep = alive.SeparationConstraint(wide, kind="up", weight=0.1)
             wide(x.float())
             values.append(sep.penalty())
-    assert torch.equal(*values) and values[0].grad_fn.name() == values[1].grad_fn.name() != "_NativePenaltyBackward"
+            sep.remove()
+    assert calls == ["ok", "ValueError"]
+    assert torch.equal(*values) and values[0].grad_fn.name() == values[1].grad_fn.name()
+
+
+@needs_node
+def test_the_dense_node_refuses_what_it_cannot_compute_and_reads_negated_views():
+    node = native.dense_penalty()
+    zs = [torch.randn(5, 3, requires_grad=True) for _ in range(3)]
+    ones = torch.ones(3)
+    with pytest.raises(ValueError, match="the first one's shape"):
+        node([zs[0], torch.randn(5, 4)], torch.ones(2), torch.ones(2), 0.5, 1.0, "paper", "split", 1.0)
+    with pytest.raises(RuntimeError, match="coefficients that require a gradient"):
+        node(zs, ones.requires_grad_(), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
+    with pytest.raises(RuntimeError, match="ties must be 'split' or 'first'"):
+        node(zs, torch.ones(3), torch.ones(3), 0.5, 1.0, "paper", "mean", 1.0)
+    with pytest.raises(RuntimeError, match="coef_u and coef_p must be contiguous"):
+        node(zs, torch.ones(2), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
+    negated = [torch._neg_view(z) for z in zs]
+    resolved = [z.neg() for z in zs]
+    got = node(negated, torch.ones(3), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
+    want = node(resolved, torch.ones(3), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, h) for g, h in zip(torch.autograd.grad(got, zs), torch.autograd.grad(want, zs)))
+
+
+RELOAD = """
+import importlib, torch, alive
+from alive import native
+from alive.models import MLP
+first = native.dense_penalty()
+importlib.reload(native)  # (a second load of the node's library would abort the process)
+net = MLP(2, 2, depth=3, width=4)
+sep = alive.SeparationConstraint(net)
+net(torch.randn(8, 2))
+p = sep.penalty()
+p.backward()
+print("node", first is not None, native.dense_penalty() is not None, p.grad_fn.name())
+"""
+
+
+@needs_node
+def test_a_reloaded_module_uses_the_loaded_node():
+    done = run_python(RELOAD, CXX=CXX, ALIVE_NATIVE="1")
+    assert done.returncode == 0 and "node True True" in done.stdout and "DensePenalty" in done.stdout, done.stderr
+
+
+@needs_node
+def test_processes_starting_together_build_the_node_once_and_a_stale_failure_does_not_hide_it(tmp_path):
+    log = tmp_path / "calls"
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {CXX} "$@"\n')
+    cxx.chmod(0o755)
+    code = PROBE + "print('node', native.dense_penalty() is not None)\n"
+    env = {**os.environ, "CXX": str(cxx), "ALIVE_CACHE": str(tmp_path / "cache"), "ALIVE_NATIVE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 and "node True" in out for p, (out, _) in zip(procs, outs)), outs
+    assert len(log.read_text().splitlines()) == 1
+    (built,) = (tmp_path / "cache" / "native").glob("dense-penalty-*.so")
+    built.with_suffix(".failed").write_text("a build that failed in some other process\n")
+    done = run_python(code, CXX=str(cxx), ALIVE_CACHE=str(tmp_path / "cache"), ALIVE_NATIVE="1")
+    assert "node True" in done.stdout and len(log.read_text().splitlines()) == 1, done.stderr
 
 
 def test_without_a_cpp_compiler_the_python_node_serves_and_the_failure_is_remembered(tmp_path):

@@ -404,7 +404,7 @@ class SeparationConstraint:
             try:
                 return node(zs, *self._native_coefs(len(zs), head.dtype), self.rho, self.margin, self.aggregation,
                             self.ties, self.weight)
-            except RuntimeError:  # several widths (or dtypes, devices): as below
+            except ValueError:  # several widths (or dtypes, devices): as below
                 self._stackable = False
                 return None
         try:

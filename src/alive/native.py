@@ -257,7 +257,8 @@ _cpp_tried = False
 
 def _cpp_target(compiler: list[str]) -> Path:
     """Where the C++ node for this source, compiler and PyTorch build is cached."""
-    key = hashlib.sha256(b"\0".join([CPP_SOURCE.read_bytes(), " ".join(compiler + list(CPP_FLAGS)).encode(),
+    sources = [CPP_SOURCE.read_bytes(), CPP_SOURCE.with_name("sep_penalty.h").read_bytes()]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(compiler + list(CPP_FLAGS)).encode(),
                                      torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     return _cache_dir() / f"dense-penalty-{key}.so"
@@ -295,34 +296,59 @@ class _Remembered(RuntimeError):
     """The C++ node's build failed (said once, remembered beside the library)."""
 
 
-def _load_cpp(lib: ctypes.CDLL, compiler: list[str]):
-    global _graph_impl
+def _open_cpp(target: Path) -> bool:
+    """Load the built node at ``target``; ``False`` if there is none (a damaged one is removed)."""
+    if not target.exists():
+        return False
+    try:
+        torch.ops.load_library(str(target))
+        return True
+    except OSError:  # a damaged file (e.g. a copy cut short): built again
+        target.unlink(missing_ok=True)
+        return False
+
+
+def _load_cpp_library(compiler: list[str]) -> None:
+    """Load the node's library, built first if missing; one process builds while the others
+    wait. A failed build is remembered beside it (``.failed``) and said once."""
     target = _cpp_target(compiler)
     failed = target.with_suffix(".failed")
+    if _open_cpp(target):
+        return
     if failed.exists():
         raise _Remembered(f"an earlier build failed (delete {failed} to try again)")
-    try:
-        loaded = False
-        if target.exists():
-            try:
-                torch.ops.load_library(str(target))
-                loaded = True
-            except OSError:  # a damaged file (e.g. a copy cut short): replace it
-                target.unlink(missing_ok=True)
-        if not loaded:
+    import fcntl  # (POSIX; the node is built on Linux only)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _open_cpp(target):  # built by another process meanwhile
+            return
+        try:
             _build_cpp(compiler, target)
             torch.ops.load_library(str(target))
-    except (OSError, RuntimeError) as err:
-        with contextlib.suppress(OSError):
-            failed.write_text(f"{err}\n")
-        log.warning("alive: the C++ node of the separation penalty could not be built (%s); deep rectangular MLPs use "
-                    "the Python node, a few per cent of a training step slower. Set CXX to a C++20 compiler and delete "
-                    "%s to try again.", err, failed)
-        raise _Remembered(str(err)) from err
+        except (OSError, RuntimeError) as err:
+            with contextlib.suppress(OSError):
+                failed.write_text(f"{err}\n")
+            log.warning("alive: the C++ node of the separation penalty could not be built (%s); deep rectangular MLPs "
+                        "use the Python node, a few per cent of a training step slower. Set CXX to a C++20 compiler "
+                        "and delete %s to try again.", err, failed)
+            raise _Remembered(str(err)) from err
+
+
+def _load_cpp(lib: ctypes.CDLL, compiler: list[str]):
+    global _graph_impl
+    # a second library of the same operators would abort the process: one already loaded (by
+    # this module before a reload, or from another cache) serves
+    if not hasattr(torch.ops.alive_native, "dense_penalty"):
+        _load_cpp_library(compiler)
     ops = torch.ops.alive_native
     ops.set_kernels(*(ctypes.cast(getattr(lib, f"sep_penalty_{s}"), ctypes.c_void_p).value for s in ("f32", "f64")))
-    _graph_impl = torch.library.Library("alive_native", "IMPL")
-    _graph_impl.impl("dense_penalty_graph", _dense_penalty_graph, "CompositeImplicitAutograd")
+    if _graph_impl is None:
+        impl = torch.library.Library("alive_native", "IMPL")
+        with contextlib.suppress(RuntimeError):  # (registered by this module before a reload: that one serves)
+            impl.impl("dense_penalty_graph", _dense_penalty_graph, "CompositeImplicitAutograd")
+        _graph_impl = impl
     return ops.dense_penalty.default
 
 

@@ -16,16 +16,17 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <type_traits>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "sep_penalty.h"
+
 namespace alive_native {
 
-// the signature of sep_penalty_f32 / _f64 (separation_body.h)
 template <typename T>
-using Kernel = int (*)(const T *, const T *, int64_t, int64_t, int64_t, const int32_t *, const T *, const T *,
-                       double, double, int, int, T *, double, T *, T *, T *);
+using Kernel = std::conditional_t<std::is_same_v<T, float>, decltype(&sep_penalty_f32), decltype(&sep_penalty_f64)>;
 
 // sep_penalty_f32 / _f64 of the loaded C library, set once by set_kernels
 static std::atomic<std::intptr_t> kernel_f32{0}, kernel_f64{0};
@@ -75,7 +76,8 @@ at::Tensor penalty_of(const std::vector<at::Tensor> &zs, const at::Tensor &coef_
 }
 
 // The layers the kernel reads through raw pointers: checked, as a wrong one would be read
-// out of bounds. A non-contiguous layer is read from a contiguous copy.
+// out of bounds. A non-contiguous layer is read from a contiguous copy. Layers of several
+// shapes, dtypes or devices raise a ValueError (the constraint then groups them by shape).
 std::vector<at::Tensor> checked_layers(at::TensorList zs, const at::Tensor &coef_u, const at::Tensor &coef_p)
 {
     TORCH_CHECK(!zs.empty(), "dense_penalty: no layer");
@@ -87,10 +89,11 @@ std::vector<at::Tensor> checked_layers(at::TensorList zs, const at::Tensor &coef
     std::vector<at::Tensor> layers;
     layers.reserve(zs.size());
     for (const at::Tensor &z : zs) {
-        TORCH_CHECK(z.sizes() == head.sizes() && z.scalar_type() == head.scalar_type() && z.device() == head.device()
-                        && z.layout() == at::kStrided,
-                    "dense_penalty: every layer must have the first one's shape, dtype and device");
-        layers.push_back(z.is_contiguous() ? z : z.contiguous());
+        TORCH_CHECK_VALUE(z.sizes() == head.sizes() && z.scalar_type() == head.scalar_type()
+                              && z.device() == head.device() && z.layout() == at::kStrided,
+                          "dense_penalty: every layer must have the first one's shape, dtype and device");
+        // (a negated view's memory holds the values' negatives)
+        layers.push_back(z.is_contiguous() && !z.is_neg() ? z : z.resolve_neg().contiguous());
     }
     for (const at::Tensor *c : {&coef_u, &coef_p})
         TORCH_CHECK(c->dim() == 1 && c->size(0) == (int64_t)zs.size() && c->scalar_type() == head.scalar_type()
@@ -106,6 +109,7 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
     {
         std::vector<at::Tensor> layers = checked_layers(zs, coef_u, coef_p);
         const int agg = aggregation_code(aggregation);
+        TORCH_CHECK(ties == "split" || ties == "first", "dense_penalty: ties must be 'split' or 'first', got ", ties);
         const bool first = ties == "first";
         std::vector<at::Tensor> grads;
         at::Tensor total = penalty_of(layers, coef_u, coef_p, rho, margin, agg, first, scale, grad ? &grads : nullptr);
@@ -154,7 +158,7 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
             } else {
                 std::vector<at::Tensor> layers;
                 for (const at::Tensor &z : ctx->get_saved_variables())
-                    layers.push_back(z.is_contiguous() ? z : z.contiguous());
+                    layers.push_back(z.is_contiguous() && !z.is_neg() ? z : z.resolve_neg().contiguous());
                 penalty_of(layers, coefs.get(0), coefs.get(1), rho, margin, aggregation_code(aggregation),
                            ties == "first", scale, &grads);
             }
@@ -171,6 +175,8 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
 at::Tensor dense_penalty(at::TensorList zs, const at::Tensor &coef_u, const at::Tensor &coef_p, double rho,
                          double margin, c10::string_view aggregation, c10::string_view ties, double scale)
 {
+    TORCH_CHECK(!coef_u.requires_grad() && !coef_p.requires_grad(),
+                "dense_penalty: coefficients that require a gradient take the PyTorch path");
     bool grad = false;
     if (at::GradMode::is_enabled())
         for (const at::Tensor &z : zs) grad = grad || z.requires_grad();

@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sep_penalty.h"
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 /* HOT: an AVX2 + FMA copy of a function besides the baseline one, chosen when the library is
  * loaded where the CPU has them (target_clones: glibc's ifunc). Multiply-adds are fused in the

@@ -280,11 +280,9 @@ HOT static void F(spread)(const T *restrict th, const T *restrict tl, int64_t P,
  * entry's shares in the order of the PyTorch path: split ties (first 0): unit maxima, point
  * maxima, unit minima, point minima, each extreme's gradient shared equally among the entries
  * holding it; first ties: unit maxima, unit minima, point maxima, point minima, each at its first
- * position. Returns 0, or -1 when out of memory. (dense_penalty.cpp calls it through a pointer
- * of this signature.) */
-int F(sep_penalty)(const T *zh, const T *zl, int64_t n, int64_t P, int64_t U, const int32_t *real,
-                   const T *cu, const T *cp, double rho, double margin, int agg, int first,
-                   T *out, double scale, T *total, T *dzh, T *dzl)
+ * position. Returns 0, or -1 when out of memory. (Declared in sep_penalty.h, for
+ * dense_penalty.cpp.) */
+ALIVE_SEP_PENALTY(T, F(sep_penalty))
 {
     int64_t E = 2 * U + 2 * P;
     int joint = zl == zh, grad = dzh != NULL;
