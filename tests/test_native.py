@@ -623,17 +623,17 @@ def test_the_dense_node_refuses_what_it_cannot_compute_and_reads_negated_views()
     zs = [torch.randn(5, 3, requires_grad=True) for _ in range(3)]
     ones = torch.ones(3)
     with pytest.raises(ValueError, match="the first one's shape"):
-        node([zs[0], torch.randn(5, 4)], torch.ones(2), torch.ones(2), 0.5, 1.0, "paper", "split", 1.0)
+        node([zs[0], torch.randn(5, 4)], torch.ones(2), torch.ones(2), 0.5, 1.0, 0, False, 1.0)
     with pytest.raises(RuntimeError, match="coefficients that require a gradient"):
-        node(zs, ones.requires_grad_(), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
-    with pytest.raises(RuntimeError, match="ties must be 'split' or 'first'"):
-        node(zs, torch.ones(3), torch.ones(3), 0.5, 1.0, "paper", "mean", 1.0)
+        node(zs, ones.requires_grad_(), torch.ones(3), 0.5, 1.0, 0, False, 1.0)
+    with pytest.raises(RuntimeError, match="no native aggregation of code 3"):
+        node(zs, torch.ones(3), torch.ones(3), 0.5, 1.0, 3, False, 1.0)
     with pytest.raises(RuntimeError, match="coef_u and coef_p must be contiguous"):
-        node(zs, torch.ones(2), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
+        node(zs, torch.ones(2), torch.ones(3), 0.5, 1.0, 0, False, 1.0)
     negated = [torch._neg_view(z) for z in zs]
     resolved = [z.neg() for z in zs]
-    got = node(negated, torch.ones(3), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
-    want = node(resolved, torch.ones(3), torch.ones(3), 0.5, 1.0, "paper", "split", 1.0)
+    got = node(negated, torch.ones(3), torch.ones(3), 0.5, 1.0, 0, False, 1.0)
+    want = node(resolved, torch.ones(3), torch.ones(3), 0.5, 1.0, 0, False, 1.0)
     assert torch.equal(got, want)
     assert all(torch.equal(g, h) for g, h in zip(torch.autograd.grad(got, zs), torch.autograd.grad(want, zs)))
 

@@ -402,8 +402,8 @@ class SeparationConstraint:
         node = native.dense_penalty()
         if node is not None:
             try:
-                return node(zs, *self._native_coefs(len(zs), head.dtype), self.rho, self.margin, self.aggregation,
-                            self.ties, self.weight)
+                return node(zs, *self._native_coefs(len(zs), head.dtype), self.rho, self.margin,
+                            native.AGGREGATIONS[self.aggregation], self.ties == "first", self.weight)
             except ValueError:  # several widths (or dtypes, devices): as below
                 self._stackable = False
                 return None

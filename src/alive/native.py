@@ -277,10 +277,11 @@ def _build_cpp(compiler: list[str], target: Path) -> None:
     _compile(compiler, target, lambda out: _cpp_command(compiler, out), timeout=600)
 
 
-def _dense_penalty_graph(zs, coef_u, coef_p, rho, margin, aggregation, ties, scale, grad):
+def _dense_penalty_graph(zs, coef_u, coef_p, rho, margin, agg, first, scale, grad):
     """The C++ node's gradient as a graph (a double backward): the reference's, differentiated."""
     from .functional import _reference_penalty  # (functional imports this module)
 
+    aggregation, ties = next(k for k, v in AGGREGATIONS.items() if v == agg), "first" if first else "split"
     # the penalty's own (partial) derivatives: with respect to the stack, not to the layers, from
     # each of which the graph also leads through the next layers to the penalty
     zh = torch.stack(zs)
@@ -353,9 +354,10 @@ def _load_cpp(lib: ctypes.CDLL, compiler: list[str]):
 
 
 def dense_penalty():
-    """The C++ autograd node ``dense_penalty(zs, coef_u, coef_p, rho, margin, aggregation, ties,
-    scale)``: ``scale`` × the sum over the same-shaped ``(points, units)`` CPU layers ``zs`` of
-    ``coef_u·g_U + coef_p·g_P``, by :func:`separation_penalty`'s kernel, with its gradient. Built
+    """The C++ autograd node ``dense_penalty(zs, coef_u, coef_p, rho, margin, agg, first, scale)``:
+    ``scale`` × the sum over the same-shaped ``(points, units)`` CPU layers ``zs`` of
+    ``coef_u·g_U + coef_p·g_P`` (``agg``: the aggregation's code in :data:`AGGREGATIONS`;
+    ``first``: ties ``"first"``), by :func:`separation_penalty`'s kernel, with its gradient. Built
     on first use against the installed PyTorch (Linux, a C++20 compiler: ``CXX``, default
     ``c++``; about 15 s, once); ``None`` where it cannot be, and inside :func:`disabled`. The
     Python node of :mod:`alive.functional` then gives the same bits, with a stacking copy and

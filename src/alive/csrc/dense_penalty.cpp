@@ -18,7 +18,6 @@
 #include <atomic>
 #include <type_traits>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "sep_penalty.h"
@@ -30,14 +29,6 @@ using Kernel = std::conditional_t<std::is_same_v<T, float>, decltype(&sep_penalt
 
 // sep_penalty_f32 / _f64 of the loaded C library, set once by set_kernels
 static std::atomic<std::intptr_t> kernel_f32{0}, kernel_f64{0};
-
-int aggregation_code(const std::string &aggregation)
-{
-    if (aggregation == "paper") return 0;
-    if (aggregation == "squared_sum") return 1;
-    TORCH_CHECK(aggregation == "mean", "dense_penalty: no native aggregation ", aggregation);
-    return 2;
-}
 
 // total = scale·Σ_k (cu[k]·A(s_U) + cp[k]·A(s_P)) of the layers zs (each (P, U), contiguous),
 // summed in double as the kernel sums its layers; with grads, also each layer's gradient of
@@ -78,8 +69,11 @@ at::Tensor penalty_of(const std::vector<at::Tensor> &zs, const at::Tensor &coef_
 // The layers the kernel reads through raw pointers: checked, as a wrong one would be read
 // out of bounds. A non-contiguous layer is read from a contiguous copy. Layers of several
 // shapes, dtypes or devices raise a ValueError (the constraint then groups them by shape).
-std::vector<at::Tensor> checked_layers(at::TensorList zs, const at::Tensor &coef_u, const at::Tensor &coef_p)
+// agg: the code of alive.native.AGGREGATIONS.
+std::vector<at::Tensor> checked_layers(at::TensorList zs, const at::Tensor &coef_u, const at::Tensor &coef_p,
+                                       int64_t agg)
 {
+    TORCH_CHECK(agg >= 0 && agg <= 2, "dense_penalty: no native aggregation of code ", agg);
     TORCH_CHECK(!zs.empty(), "dense_penalty: no layer");
     const at::Tensor &head = zs[0];
     TORCH_CHECK(head.dim() == 2 && head.numel() > 0,
@@ -104,23 +98,21 @@ std::vector<at::Tensor> checked_layers(at::TensorList zs, const at::Tensor &coef
 
 struct DensePenalty : public torch::autograd::Function<DensePenalty> {
     static at::Tensor forward(torch::autograd::AutogradContext *ctx, at::TensorList zs, at::Tensor coef_u,
-                              at::Tensor coef_p, double rho, double margin, std::string aggregation, std::string ties,
-                              double scale, bool grad)
+                              at::Tensor coef_p, double rho, double margin, int64_t agg, bool first, double scale,
+                              bool grad)
     {
-        std::vector<at::Tensor> layers = checked_layers(zs, coef_u, coef_p);
-        const int agg = aggregation_code(aggregation);
-        TORCH_CHECK(ties == "split" || ties == "first", "dense_penalty: ties must be 'split' or 'first', got ", ties);
-        const bool first = ties == "first";
+        std::vector<at::Tensor> layers = checked_layers(zs, coef_u, coef_p, agg);
         std::vector<at::Tensor> grads;
-        at::Tensor total = penalty_of(layers, coef_u, coef_p, rho, margin, agg, first, scale, grad ? &grads : nullptr);
+        at::Tensor total =
+            penalty_of(layers, coef_u, coef_p, rho, margin, (int)agg, first, scale, grad ? &grads : nullptr);
         if (grad) {
             ctx->save_for_backward(std::vector<at::Tensor>(zs.begin(), zs.end()));
             ctx->saved_data["grads"] = c10::List<at::Tensor>(grads);
             ctx->saved_data["coefs"] = c10::List<at::Tensor>({coef_u, coef_p});
             ctx->saved_data["rho"] = rho;
             ctx->saved_data["margin"] = margin;
-            ctx->saved_data["aggregation"] = aggregation;
-            ctx->saved_data["ties"] = ties;
+            ctx->saved_data["agg"] = agg;
+            ctx->saved_data["first"] = first;
             ctx->saved_data["scale"] = scale;
         }
         return total;
@@ -135,8 +127,8 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
         if (g.scalar_type() != coefs.get(0).scalar_type()) g = g.to(coefs.get(0).scalar_type());
         const double rho = ctx->saved_data["rho"].toDouble(), margin = ctx->saved_data["margin"].toDouble();
         const double scale = ctx->saved_data["scale"].toDouble();
-        const std::string aggregation = ctx->saved_data["aggregation"].toStringRef();
-        const std::string ties = ctx->saved_data["ties"].toStringRef();
+        const int64_t agg = ctx->saved_data["agg"].toInt();
+        const bool first = ctx->saved_data["first"].toBool();
         std::vector<at::Tensor> grads;
         auto kept = ctx->saved_data.find("grads");
         if (at::GradMode::is_enabled()) {  // a double backward: differentiate the reference
@@ -144,10 +136,9 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
             static auto graph = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("alive_native::dense_penalty_graph", "")
                                     .typed<std::vector<at::Tensor>(at::TensorList, const at::Tensor &,
-                                                                   const at::Tensor &, double, double,
-                                                                   c10::string_view, c10::string_view, double,
-                                                                   const at::Tensor &)>();
-            grads = graph.call(zs, coefs.get(0), coefs.get(1), rho, margin, aggregation, ties, scale, g);
+                                                                   const at::Tensor &, double, double, int64_t,
+                                                                   bool, double, const at::Tensor &)>();
+            grads = graph.call(zs, coefs.get(0), coefs.get(1), rho, margin, agg, first, scale, g);
         } else {
             // handed over, to be scaled in place: a retained graph's next backward computes them again
             // (the layers are unpacked only then)
@@ -156,11 +147,8 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
                 for (size_t k = 0; k < list.size(); k++) grads.push_back(list.get(k));
                 ctx->saved_data.erase(kept);
             } else {
-                std::vector<at::Tensor> layers;
-                for (const at::Tensor &z : ctx->get_saved_variables())
-                    layers.push_back(z.is_contiguous() && !z.is_neg() ? z : z.resolve_neg().contiguous());
-                penalty_of(layers, coefs.get(0), coefs.get(1), rho, margin, aggregation_code(aggregation),
-                           ties == "first", scale, &grads);
+                penalty_of(checked_layers(ctx->get_saved_variables(), coefs.get(0), coefs.get(1), agg), coefs.get(0),
+                           coefs.get(1), rho, margin, (int)agg, first, scale, &grads);
             }
             // the kernel's gradient is that of an upstream gradient 1
             if (g.item<double>() != 1.0)
@@ -173,15 +161,14 @@ struct DensePenalty : public torch::autograd::Function<DensePenalty> {
 };
 
 at::Tensor dense_penalty(at::TensorList zs, const at::Tensor &coef_u, const at::Tensor &coef_p, double rho,
-                         double margin, c10::string_view aggregation, c10::string_view ties, double scale)
+                         double margin, int64_t agg, bool first, double scale)
 {
     TORCH_CHECK(!coef_u.requires_grad() && !coef_p.requires_grad(),
                 "dense_penalty: coefficients that require a gradient take the PyTorch path");
     bool grad = false;
     if (at::GradMode::is_enabled())
         for (const at::Tensor &z : zs) grad = grad || z.requires_grad();
-    return DensePenalty::apply(zs, coef_u, coef_p, rho, margin, std::string(aggregation), std::string(ties), scale,
-                               grad);
+    return DensePenalty::apply(zs, coef_u, coef_p, rho, margin, agg, first, scale, grad);
 }
 
 void set_kernels(int64_t f32, int64_t f64)
@@ -194,10 +181,10 @@ void set_kernels(int64_t f32, int64_t f64)
 
 TORCH_LIBRARY(alive_native, m)
 {
-    m.def("dense_penalty(Tensor[] zs, Tensor coef_u, Tensor coef_p, float rho, float margin, str aggregation, "
-          "str ties, float scale) -> Tensor");
-    m.def("dense_penalty_graph(Tensor[] zs, Tensor coef_u, Tensor coef_p, float rho, float margin, str aggregation, "
-          "str ties, float scale, Tensor grad) -> Tensor[]");
+    m.def("dense_penalty(Tensor[] zs, Tensor coef_u, Tensor coef_p, float rho, float margin, int agg, bool first, "
+          "float scale) -> Tensor");
+    m.def("dense_penalty_graph(Tensor[] zs, Tensor coef_u, Tensor coef_p, float rho, float margin, int agg, "
+          "bool first, float scale, Tensor grad) -> Tensor[]");
     m.def("set_kernels(int f32, int f64) -> ()");
 }
 
